@@ -1,0 +1,104 @@
+"""Token generation with a preallocated KV cache: greedy, temperature, top-k, top-p, stop tokens, streaming."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import torch
+
+from .errors import require
+from .model import Decoder
+
+
+@dataclass
+class GenerationConfig:
+    max_new_tokens: int = 64
+    temperature: float = 0.0  # 0: greedy
+    top_k: int = 0  # 0: off
+    top_p: float = 1.0  # 1: off
+    stop_ids: set[int] = field(default_factory=set)
+    seed: int | None = None
+
+    def validate(self) -> "GenerationConfig":
+        require(self.max_new_tokens > 0, f"max_new_tokens must be positive, got {self.max_new_tokens}")
+        require(self.temperature >= 0, f"temperature must be >= 0, got {self.temperature}")
+        require(self.top_k >= 0, f"top_k must be >= 0, got {self.top_k}")
+        require(0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}")
+        return self
+
+
+@dataclass
+class Timings:
+    prompt_tokens: int = 0
+    new_tokens: int = 0
+    prefill_s: float = 0.0  # prompt processed and first token chosen (time to first token)
+    decode_s: float = 0.0  # every later token
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        return (self.new_tokens - 1) / self.decode_s if self.new_tokens > 1 and self.decode_s > 0 else float("nan")
+
+    @property
+    def prefill_tokens_per_s(self) -> float:
+        return self.prompt_tokens / self.prefill_s if self.prefill_s > 0 else float("nan")
+
+
+def sample(logits: torch.Tensor, cfg: GenerationConfig, generator: torch.Generator | None) -> int:
+    """One token id from logits [V] under the configured temperature, top-k and top-p."""
+    if cfg.temperature == 0:
+        return int(logits.argmax())
+    logits = logits.float() / cfg.temperature
+    if cfg.top_k:
+        kth = torch.topk(logits, min(cfg.top_k, logits.numel())).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if cfg.top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        cumulative = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cumulative - sorted_logits.softmax(-1) >= cfg.top_p  # keep the smallest prefix reaching top_p
+        logits = logits.masked_fill(torch.zeros_like(drop).scatter(0, order, drop), float("-inf"))
+    return int(torch.multinomial(logits.softmax(-1), 1, generator=generator))
+
+
+@torch.inference_mode()
+def generate(model: Decoder, prompt: list[int], cfg: GenerationConfig, timings: Timings | None = None) -> Iterator[int]:
+    """Yield new token ids one at a time (streaming); stops at a stop token (not yielded) or max_new_tokens."""
+    cfg.validate()
+    require(len(prompt) > 0, "the prompt is empty")
+    limit = min(cfg.max_new_tokens, model.cfg.max_seq_len - len(prompt))
+    require(limit > 0, f"prompt of {len(prompt)} tokens fills the context of {model.cfg.max_seq_len}")
+    generator = torch.Generator().manual_seed(cfg.seed) if cfg.seed is not None else None
+    timings = timings if timings is not None else Timings()
+    timings.prompt_tokens = len(prompt)
+    cache = model.new_cache(1, len(prompt) + limit)
+    start = time.perf_counter()
+    logits = model(torch.tensor([prompt]), cache, 0, last_only=True)[0, -1]  # [V]
+    for pos in range(len(prompt), len(prompt) + limit):
+        token = sample(logits, cfg, generator)
+        now = time.perf_counter()
+        if timings.new_tokens == 0:
+            timings.prefill_s, start = now - start, now
+        else:
+            timings.decode_s = now - start
+        timings.new_tokens += 1
+        if token in cfg.stop_ids:
+            return
+        yield token
+        if timings.new_tokens < limit:
+            logits = model(torch.tensor([[token]]), cache, pos)[0, -1]  # [V]
+
+
+class TextStream:
+    """Incremental detokenisation: text appears once its bytes form complete characters."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.ids, self.emitted = tokenizer, [], ""
+
+    def push(self, token: int) -> str:
+        self.ids.append(token)
+        text = self.tokenizer.decode(self.ids)
+        if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for the next token
+            return ""
+        new, self.emitted = text[len(self.emitted):], text
+        return new

