@@ -38,9 +38,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
+        # Normalised in float32 and cast back before the weight, as the Hugging Face reference does.
+        return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
 
 
 def make_norm(cfg: ModelConfig, dim: int) -> nn.Module:
@@ -72,18 +71,19 @@ def _llama3_scaled(inv_freq: torch.Tensor, s: RopeScaling) -> torch.Tensor:
 
 
 def rope_table(head_dim: int, theta: float, scaling: RopeScaling, max_len: int) -> torch.Tensor:
-    """cos and sin for every position, stacked: [2, max_len, D] (each half of D repeats the frequencies)."""
+    """cos and signed sin for every position, stacked: [2, max_len, D].
+
+    Each half of D repeats the frequencies; the sin of the first half is negated so that rotating the halves
+    (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin) is x * cos + roll(x, D/2) * signed_sin."""
     inv_freq = rope_frequencies(head_dim, theta, scaling)
     angles = torch.outer(torch.arange(max_len, dtype=torch.float64, device="cpu"), inv_freq)  # [max_len, D/2]
-    angles = torch.cat([angles, angles], dim=-1)  # [max_len, D]
-    return torch.stack([angles.cos(), angles.sin()]).float()
+    cos, sin = angles.cos(), angles.sin()
+    return torch.stack([torch.cat([cos, cos], -1), torch.cat([-sin, sin], -1)]).float()  # [2, max_len, D]
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: [B, H, T, D]; cos, sin: [T, D]. Rotates the two halves of D (the Hugging Face layout)."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return x * cos + rotated * sin
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """x: [B, H, T, D]; cos, signed_sin: [T, D]. Rotates the two halves of D (the Hugging Face layout)."""
+    return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, dims=-1), signed_sin)
 
 
 # ---- KV cache --------------------------------------------------------------------------------
@@ -129,7 +129,7 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # [B, K, T, D]
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        cos, sin = rope  # [T, D] each
+        cos, sin = rope  # [T, D] each; sin signed (see rope_table)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(layer, pos, k, v)  # [B, K, S, D]
