@@ -13,7 +13,7 @@ from typing import Any, Callable
 
 import torch
 
-from .config import ModelConfig, RopeScaling
+from .config import ModelConfig, RopeScaling, head_dim_scale
 from .errors import SlmError, require
 
 # Per-layer tensors, as (slmkit suffix, Hugging Face suffix); "{i}" is the layer index.
@@ -75,8 +75,10 @@ def _llama_extra(hf: dict) -> dict:
 
 def _qwen2_extra(hf: dict) -> dict:
     window = hf.get("sliding_window") if hf.get("use_sliding_window") else None
-    types = hf.get("layer_types")
-    sliding = [t == "sliding_attention" for t in types] if window and types else None
+    # Older configs have no layer_types: layers from max_window_layers on slide (transformers' rule).
+    types = hf.get("layer_types") or ["sliding_attention" if i >= hf.get("max_window_layers", 28) else "full_attention"
+                                      for i in range(hf["num_hidden_layers"])]
+    sliding = [t == "sliding_attention" for t in types] if window else None
     return {"qkv_bias": True, "sliding_window": window, "sliding_layers": sliding}
 
 
@@ -97,10 +99,15 @@ def _gemma3_extra(hf: dict) -> dict:
             "rope_local_theta": float(local_theta)}
 
 
+def _layer_types(cfg: ModelConfig) -> list[str]:
+    return ["sliding_attention" if cfg.is_sliding(i) else "full_attention" for i in range(cfg.n_layers)]
+
+
 def _gemma3_write(cfg: ModelConfig) -> dict:
-    types = ["sliding_attention" if cfg.is_sliding(i) else "full_attention" for i in range(cfg.n_layers)]
-    return {"hidden_activation": "gelu_pytorch_tanh", "query_pre_attn_scalar": cfg.attn_scale ** -2,
-            "sliding_window": cfg.sliding_window, "layer_types": types,
+    scalar = head_dim_scale(cfg) ** -2  # transformers' Gemma3TextConfig takes an integer
+    require(abs(scalar - round(scalar)) < 1e-3, f"Gemma-3 export needs 1/attn_scale**2 integral, got {scalar}")
+    return {"hidden_activation": "gelu_pytorch_tanh", "query_pre_attn_scalar": round(scalar),
+            "sliding_window": cfg.sliding_window, "layer_types": _layer_types(cfg),
             "rope_parameters": {"full_attention": {"rope_type": "default", "rope_theta": cfg.rope_theta},
                                 "sliding_attention": {"rope_type": "default",
                                                       "rope_theta": cfg.rope_local_theta or cfg.rope_theta}},
@@ -128,7 +135,7 @@ FAMILIES = {f.model_type: f for f in (
              write_extra=_llama_write),
     HFFamily("qwen2", "qwen2", "Qwen2ForCausalLM", _ATTN + _MLP + _LLAMA_NORMS, read_extra=_qwen2_extra,
              write_extra=lambda cfg: {**_rope_write(cfg), "use_sliding_window": cfg.sliding_window is not None,
-                                      "sliding_window": cfg.sliding_window}),
+                                      "sliding_window": cfg.sliding_window, "layer_types": _layer_types(cfg)}),
     HFFamily("mistral", "mistral", "MistralForCausalLM", _ATTN + _MLP + _LLAMA_NORMS, read_extra=_mistral_extra,
              write_extra=lambda cfg: {**_rope_write(cfg), "sliding_window": cfg.sliding_window}),
     HFFamily("gemma3", "gemma3_text", "Gemma3ForCausalLM", _ATTN + _MLP + _GEMMA_NORMS, norm_offset=1.0,
@@ -219,10 +226,11 @@ def unroll_for_export(state: dict[str, torch.Tensor], cfg: ModelConfig) -> tuple
 
     Padding is exact: extra query heads get zero q/k/v rows and zero o_proj columns (their output is zero);
     GQA groups of different sizes are expanded to multi-head; extra FFN channels get zero rows and columns.
+    The head count is also padded up to a divisor of dim, which transformers' Llama and Gemma-3 configs require.
     """
-    uniform = not (cfg.layer_n_heads or cfg.layer_n_kv_heads or cfg.layer_ffn_dims)
     widths = [cfg.heads_of(i) for i in range(cfg.n_stored_layers)]
-    n_heads = max(q for q, _ in widths)
+    n_heads = _heads_dividing(cfg.dim, max(q for q, _ in widths))
+    uniform = not (cfg.layer_n_heads or cfg.layer_n_kv_heads or cfg.layer_ffn_dims) and n_heads == cfg.n_heads
     ffn = max(cfg.ffn_of(i) for i in range(cfg.n_stored_layers))
     out = {k: v for k, v in state.items() if not k.startswith("blocks.")}
     for layer in range(cfg.n_layers):
@@ -236,6 +244,11 @@ def unroll_for_export(state: dict[str, torch.Tensor], cfg: ModelConfig) -> tuple
     if not uniform:
         flat.update(n_heads=n_heads, n_kv_heads=n_heads, head_dim=cfg.head_size, ffn_dim=ffn)
     return out, ModelConfig.from_dict(flat)
+
+
+def _heads_dividing(dim: int, heads: int) -> int:
+    """The fewest heads, at least `heads`, that divide dim (`heads` itself if none does)."""
+    return next((h for h in range(heads, dim + 1) if dim % h == 0), heads)
 
 
 def _pad_block(block: dict, q_heads: int, kv_heads: int, n_heads: int, ffn: int, ffn_max: int, d: int) -> dict:

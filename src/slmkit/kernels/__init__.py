@@ -21,6 +21,9 @@ import torch
 
 SOURCE = Path(__file__).with_name("gemv.c")
 MAX_ROWS = 8  # up to this many input rows (batch x new tokens) the kernel beats torch's GEMM
+# Below this many weights one thread is faster than waking a team: an OpenMP region costs microseconds when
+# idle and milliseconds when another process holds the cores (measured while a benchmark ran beside the tests).
+MIN_PARALLEL_WEIGHTS = 1 << 17
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
 
 
@@ -77,6 +80,6 @@ def small_matmul(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor | None:
     fn = lib.gemv_f32 if weight.dtype == torch.float32 else lib.gemv_bf16
     xf = x.reshape(rows, x.shape[-1]).float().contiguous()  # [rows, in]
     y = torch.empty(rows, weight.shape[0], dtype=torch.float32)  # [rows, out]
-    fn(weight.data_ptr(), xf.data_ptr(), y.data_ptr(), rows, weight.shape[0], weight.shape[1],
-       torch.get_num_threads())
+    threads = torch.get_num_threads() if weight.numel() >= MIN_PARALLEL_WEIGHTS else 1
+    fn(weight.data_ptr(), xf.data_ptr(), y.data_ptr(), rows, weight.shape[0], weight.shape[1], threads)
     return y.reshape(*x.shape[:-1], weight.shape[0]).to(x.dtype)  # [..., out]
