@@ -76,3 +76,17 @@ def test_bf16_generation_is_coherent(ours):
     ids = lm.tokenizer.encode(lm.tokenizer.render_chat([{"role": "user", "content": "What is the capital of France?"}]))
     cfg = GenerationConfig(max_new_tokens=16, stop_ids=lm.tokenizer.stop_ids())
     assert "Paris" in lm.tokenizer.decode(list(generate(lm.model, ids, cfg)))
+
+
+def test_bf16_weights_halve_bytes_and_keep_predictions(ours):
+    from slmkit.info import weight_bytes
+
+    lm = load(dtype=torch.bfloat16)
+    assert lm.model.norm.weight.dtype == torch.float32 and lm.model.embed.weight.dtype == torch.bfloat16
+    fp32, bf16 = sum(weight_bytes(ours.model).values()), sum(weight_bytes(lm.model).values())
+    assert 0.49 < bf16 / fp32 < 0.51
+    ids = torch.tensor([ours.tokenizer.encode(PROMPT + " the founding of the city in 753 BC, when")])
+    with torch.no_grad():
+        a, b = ours.model(ids).log_softmax(-1), lm.model(ids).log_softmax(-1)
+    kl = (a.exp() * (a - b)).sum(-1).mean().item()
+    assert kl < 0.01 and (a.argmax(-1) == b.argmax(-1)).float().mean().item() > 0.9

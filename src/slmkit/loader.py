@@ -15,7 +15,7 @@ from . import convert
 from .checkpoint import CHECKPOINT_FORMAT, CHECKPOINT_MARKER
 from .config import ModelConfig
 from .errors import SlmError, require
-from .model import Decoder
+from .model import Decoder, cast_weights_
 from .progress import progress
 from .tokenizer import Tokenizer
 
@@ -65,6 +65,7 @@ def _from_hub(repo_id: str) -> Path:
 
 
 def load(spec: str | Path | None = None, dtype: torch.dtype = torch.float32) -> LoadedModel:
+    """Load MODEL (see resolve) with its weight matrices stored in `dtype` (activations stay float32)."""
     path = resolve(None if spec is None else str(spec))
     if path.is_dir() and (path / CHECKPOINT_MARKER).is_file():
         loaded = _load_checkpoint(path)
@@ -74,7 +75,7 @@ def load(spec: str | Path | None = None, dtype: torch.dtype = torch.float32) -> 
         loaded = _load_gguf(path)
     else:
         raise SlmError(f"{path}: not a GGUF file, a Hugging Face folder (config.json) or an slmkit checkpoint")
-    loaded.model.to(dtype)
+    cast_weights_(loaded.model, dtype)
     return loaded
 
 
