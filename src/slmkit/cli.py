@@ -45,7 +45,34 @@ def build_parser() -> argparse.ArgumentParser:
     _model_args(chat, dtype="bfloat16")
     chat.add_argument("--system", default=None, help="system message")
     _sampling_args(chat)
+    _eval_parsers(sub)
     return parser
+
+
+def _eval_parsers(sub) -> None:
+    ev = sub.add_parser("eval", help="perplexity, multiple-choice accuracy, fidelity against a reference")
+    _model_args(ev)
+    ev.add_argument("--tasks", default="wikitext2", help="comma-separated: wikitext2, arc_easy, a text file or "
+                    "folder (perplexity), a .jsonl of questions (multiple choice)")
+    ev.add_argument("--limit", type=int, default=None, help="questions per task / windows per text")
+    ev.add_argument("--window", type=int, default=512, help="perplexity window in tokens")
+    ev.add_argument("--stride", type=int, default=None, help="sliding windows every STRIDE tokens "
+                    "(default: non-overlapping)")
+    ev.add_argument("--max-windows", type=int, default=None)
+    ev.add_argument("--add-bos", action="store_true", help="prepend BOS to every window")
+    ev.add_argument("--batch-size", type=int, default=8)
+    ev.add_argument("--reference", default=None, help="model to measure KL divergence / top-1 agreement against")
+    ev.add_argument("--reference-cache", default=None, help="folder to keep the reference's log-probabilities in")
+    ev.add_argument("--json", default=None, help="write the run here (and a Markdown twin)")
+    bench = sub.add_parser("bench", help="time to first token, prefill and decode speed, memory, energy")
+    _model_args(bench)
+    bench.add_argument("--prompt-tokens", type=int, default=128)
+    bench.add_argument("--new-tokens", type=int, default=64)
+    bench.add_argument("--runs", type=int, default=5)
+    bench.add_argument("--json", default=None)
+    report = sub.add_parser("report", help="comparison table and plots (quality vs size / latency) from runs")
+    report.add_argument("runs", nargs="+", help="RUN.json files written by slm eval / slm bench")
+    report.add_argument("-o", "--out", required=True, help="output folder")
 
 
 def _load(args):
@@ -122,7 +149,50 @@ def cmd_chat(args) -> None:
         messages.append({"role": "assistant", "content": reply})
 
 
-COMMANDS = {"info": cmd_info, "generate": cmd_generate, "chat": cmd_chat}
+def _finish_run(run: dict, path: str | None, table: str) -> None:
+    from .eval.report import write_run
+
+    print(table)
+    if path:
+        print(f"[wrote {write_run(run, path)}]", file=sys.stderr)
+
+
+def cmd_eval(args) -> None:
+    from pathlib import Path
+
+    from .eval.perplexity import PerplexityProtocol
+    from .eval.report import to_markdown
+    from .eval.run import EvalConfig, run_eval
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    protocol = PerplexityProtocol(args.window, args.stride, args.max_windows, args.add_bos)
+    cfg = EvalConfig([t for t in args.tasks.split(",") if t], args.limit, protocol, args.batch_size,
+                     args.reference, Path(args.reference_cache) if args.reference_cache else None)
+    run = run_eval(args.model, cfg, DTYPES[args.dtype], sys.argv)
+    _finish_run(run, args.json, to_markdown(run))
+
+
+def cmd_bench(args) -> None:
+    from .eval.cost import CostConfig, format_cost
+    from .eval.run import run_bench
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cfg = CostConfig(prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens, runs=args.runs)
+    run = run_bench(args.model, cfg, DTYPES[args.dtype], sys.argv)
+    _finish_run(run, args.json, format_cost(run["cost"]))
+
+
+def cmd_report(args) -> None:
+    from .eval.report import build_report
+
+    for path in build_report(args.runs, args.out):
+        print(path)
+
+
+COMMANDS = {"info": cmd_info, "generate": cmd_generate, "chat": cmd_chat, "eval": cmd_eval, "bench": cmd_bench,
+            "report": cmd_report}
 
 
 def main(argv: list[str] | None = None) -> int:

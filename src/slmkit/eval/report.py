@@ -1,0 +1,450 @@
+"""Run files (versioned JSON + a Markdown twin), comparison reports and quality/size/latency plots.
+
+One `slm eval` or `slm bench` invocation produces one run: `run_envelope()` gives the common part (schema,
+model, versions, machine), the caller adds "protocol", "results", "fidelity" and "cost", and `write_run()`
+stores it. `build_report()` reads several runs and writes `report.md` plus PNG plots with the Pareto front
+marked. The schema is documented in docs/run-schema.md.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.metadata
+import io
+import json
+import math
+import os
+import platform
+import re
+import shlex
+import sys
+import tempfile
+from datetime import datetime, timezone
+from pathlib import Path
+
+from .machine import machine_info
+from ..errors import SlmError, require
+
+SCHEMA = "slmkit.run/1"
+KINDS = ("eval", "bench")
+OPTIONAL_PACKAGES = ("transformers", "tokenizers", "safetensors", "gguf", "numpy", "llama-cpp-python")
+QUALITY_METRICS = ("perplexity", "acc", "acc_norm")  # the first one a task has is the one plotted
+LOWER_IS_BETTER = {"perplexity", "mean_nll", "bits_per_byte", "kl_divergence"}
+COST_COLUMNS = (("decode_tokens_per_s", "decode tok/s"), ("ttft_ms", "TTFT ms"), ("peak_rss_mb", "peak RSS MB"))
+SECTIONS = ("model", "protocol", "results", "fidelity", "cost", "versions", "machine")  # objects when present
+MB = 1e6
+
+
+# ---------------------------------------------------------------------------------------------- envelope
+
+
+def run_envelope(kind: str, model: dict, command: list[str]) -> dict:
+    """The common part of a run; the caller adds "protocol", "results", "fidelity" and "cost"."""
+    require(kind in KINDS, f"run kind must be one of {', '.join(KINDS)}, got {kind!r}")
+    argv = [str(a) for a in command]
+    return {"schema": SCHEMA, "kind": kind, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "command": argv, "command_line": shlex.join(argv), "model": dict(model),
+            "versions": _versions(), "machine": machine_info()}
+
+
+def _versions() -> dict:
+    """Python, torch and slmkit always (None when not installed as a distribution); others when installed.
+    Read from package metadata: nothing heavy is imported."""
+    versions = {"python": platform.python_version()}
+    for name in ("torch", "slmkit") + OPTIONAL_PACKAGES:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            if name in ("torch", "slmkit"):
+                versions[name] = None
+    return versions
+
+
+# ----------------------------------------------------------------------------------------- files
+
+
+def _atomic_write(path: Path, data: bytes) -> Path:
+    """Write `data` to a temporary file beside `path`, then rename it over `path`: readers see the old
+    file or the new one, never a part; on failure nothing is left behind."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def validate_run(run: object, where: str = "run") -> dict:
+    """The envelope checks shared by write_run and read_run; returns the run."""
+    require(isinstance(run, dict), f"{where}: not a slmkit run (top level is {type(run).__name__}, not an object)")
+    require("schema" in run, f"{where}: no 'schema' key; not a slmkit run file (expected {SCHEMA!r})")
+    require(run["schema"] == SCHEMA, f"{where}: schema {run['schema']!r} is not supported (expected {SCHEMA!r})")
+    require(run.get("kind") in KINDS, f"{where}: run kind must be one of {', '.join(KINDS)}, got {run.get('kind')!r}")
+    for section in SECTIONS:
+        require(isinstance(run.get(section, {}), dict), f"{where}: '{section}' must be an object")
+    return run
+
+
+def write_run(run: dict, path) -> Path:
+    """Validate and write `run` as JSON at `path` and as Markdown beside it (same stem, .md), atomically."""
+    path = Path(path)
+    require(path.suffix != ".md", f"{path}: a run file must not end in .md (the Markdown twin takes that name)")
+    validate_run(run, str(path))
+    try:
+        text = json.dumps(run, indent=2, ensure_ascii=False) + "\n"
+    except (TypeError, ValueError) as e:  # a non-serialisable value, or a reference cycle
+        raise SlmError(f"{path}: run cannot be written as JSON: {e}") from None
+    markdown = to_markdown(run)
+    _atomic_write(path, text.encode("utf-8"))
+    _atomic_write(path.with_suffix(".md"), markdown.encode("utf-8"))
+    return path
+
+
+def read_run(path) -> dict:
+    """A run written by write_run, checked; SlmError (one line) when missing, not JSON or another schema."""
+    path = Path(path)
+    require(path.is_file(), f"run file not found: {path}")
+    try:
+        run = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise SlmError(f"{path}: not valid JSON ({e.msg} at line {e.lineno}, column {e.colno})") from None
+    except (UnicodeDecodeError, OSError) as e:
+        raise SlmError(f"{path}: cannot be read as a UTF-8 JSON file ({e.__class__.__name__})") from None
+    return validate_run(run, str(path))
+
+
+# -------------------------------------------------------------------------------------- markdown
+
+
+def _fmt(value) -> str:
+    """A table cell: floats to 4 significant digits, containers as compact JSON, pipes escaped."""
+    if isinstance(value, float):
+        text = f"{value:.4g}"
+    elif isinstance(value, (dict, list, tuple)):
+        text = json.dumps(value, separators=(",", ":"), ensure_ascii=False, default=str)
+    else:
+        text = "–" if value is None else str(value)
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def _flatten(d: dict, prefix: str = "") -> list[tuple[str, object]]:
+    """(dotted key, value) for every non-dict leaf of a nested dict."""
+    items = []
+    for key, value in d.items():
+        if isinstance(value, dict) and value:
+            items += _flatten(value, f"{prefix}{key}.")
+        else:
+            items.append((f"{prefix}{key}", value))
+    return items
+
+
+def _table(header: list[str], rows: list[list]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    return lines + ["| " + " | ".join(_fmt(c) for c in row) + " |" for row in rows]
+
+
+def _section(title: str, d: dict | None) -> list[str]:
+    if not isinstance(d, dict) or not d:
+        return []
+    return ["", f"## {title}", ""] + _table(["key", "value"], [[k, v] for k, v in _flatten(d)])
+
+
+def _results_lines(results: dict | None) -> list[str]:
+    """One row per task and scalar metric; nested values (a task's own protocol) go to the protocol section."""
+    if not isinstance(results, dict) or not results:
+        return []
+    rows = []
+    for task, metrics in results.items():
+        metrics = metrics if isinstance(metrics, dict) else {"value": metrics}
+        scalars = [k for k, v in metrics.items() if not isinstance(v, dict)]
+        ordered = [k for k in QUALITY_METRICS if k in scalars] + [k for k in scalars if k not in QUALITY_METRICS]
+        rows += [[task, k + _direction(k), metrics[k]] for k in ordered]
+    return ["", "## Results", ""] + _table(["task", "metric", "value"], rows)
+
+
+def _direction(metric: str) -> str:
+    if metric in LOWER_IS_BETTER:
+        return " (lower is better)"
+    return " (higher is better)" if metric in ("acc", "acc_norm") else ""
+
+
+def _protocol_lines(run: dict) -> list[str]:
+    protocol = dict(run["protocol"]) if isinstance(run.get("protocol"), dict) else {}
+    results = run.get("results") if isinstance(run.get("results"), dict) else {}
+    for task, metrics in results.items():
+        if isinstance(metrics, dict):
+            protocol.update({f"{task}.{k}": v for k, v in metrics.items() if isinstance(v, dict)})
+    return _section("Protocol", protocol)
+
+
+def to_markdown(run: dict) -> str:
+    """A readable page: model, each task's metrics, fidelity, cost, protocol, versions and machine."""
+    model = run.get("model") or {}
+    lines = [f"# slmkit {run.get('kind', '?')} run: {_model_label(model)}", "",
+             f"- schema: `{run.get('schema')}`", f"- created: {run.get('created', '–')}",
+             f"- command: `{run.get('command_line') or shlex.join(map(str, run.get('command') or []))}`"]
+    lines += _section("Model", model) + _results_lines(run.get("results"))
+    lines += _section("Fidelity", run.get("fidelity")) + _section("Cost", run.get("cost")) + _protocol_lines(run)
+    known = {"schema", "kind", "created", "command", "command_line", "model", "results", "fidelity", "cost",
+             "protocol", "versions", "machine"}
+    for key, value in run.items():
+        if key not in known and isinstance(value, dict):
+            lines += _section(key.capitalize(), value)
+    lines += _section("Versions", run.get("versions")) + _section("Machine", run.get("machine"))
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------------------------- pareto
+
+
+def pareto_front(points: list[tuple[float, float]], minimize_y: bool) -> list[int]:
+    """Indices of the points no other point dominates, in order of increasing x (ties: increasing y when
+    minimizing, decreasing when maximizing). x is always minimized; y is minimized or maximized. A point
+    dominates another when it is at least as good on both axes and better on one, so identical points are
+    all on the front. Points with a non-finite coordinate are never on it."""
+    sign = 1.0 if minimize_y else -1.0
+    finite = [i for i, (x, y) in enumerate(points) if math.isfinite(x) and math.isfinite(y)]
+    order = sorted(finite, key=lambda i: (points[i][0], sign * points[i][1]))
+    front, best_y, best_x = [], math.inf, None
+    for i in order:
+        x, y = points[i][0], sign * points[i][1]
+        if y < best_y or (y == best_y and x == best_x):
+            front.append(i)
+            best_y, best_x = y, x
+    return front
+
+
+# ------------------------------------------------------------------------------------------ plots
+
+
+def _model_label(model: dict) -> str:
+    """The model's "label" or "name" if given, else the last part of its source path or hub id."""
+    for key in ("label", "name"):
+        if model.get(key):
+            return str(model[key])
+    source = str(model.get("source") or "model").rstrip("/\\")
+    return re.split(r"[/\\]", source)[-1] or source
+
+
+def _model_key(model: dict) -> str:
+    return json.dumps([model.get(k) for k in ("label", "name", "source", "format", "dtype")], default=str)
+
+
+def _merge_by_model(runs: list[dict]) -> list[dict]:
+    """One entry per distinct model: an eval run's results and a bench run's cost of the same model combine
+    (later runs win on the same key). Entries: label, model, results, fidelity, cost."""
+    merged: dict[str, dict] = {}
+    for run in runs:
+        model = run.get("model") or {}
+        entry = merged.setdefault(_model_key(model), {"model": dict(model), "results": {}, "fidelity": {}, "cost": {}})
+        entry["model"].update(model)
+        for section in ("results", "fidelity", "cost"):
+            if isinstance(run.get(section), dict):
+                entry[section].update(run[section])
+    entries = list(merged.values())
+    for entry, label in zip(entries, _labels([e["model"] for e in entries])):
+        entry["label"] = label
+    return entries
+
+
+def _labels(models: list[dict]) -> list[str]:
+    """Model labels, with format and dtype added where two different models would share one."""
+    base = [_model_label(m) for m in models]
+    keys_by_label: dict[str, set] = {}
+    for label, model in zip(base, models):
+        keys_by_label.setdefault(label, set()).add(_model_key(model))
+    out = []
+    for label, model in zip(base, models):
+        extra = [str(model[k]) for k in ("format", "dtype") if model.get(k)]
+        out.append(f"{label} ({', '.join(extra)})" if len(keys_by_label[label]) > 1 and extra else label)
+    return out
+
+
+def _number(value) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return None
+    return float(value)
+
+
+def _size_mb(entry: dict) -> float | None:
+    for value in (entry["model"].get("weight_bytes"), entry["model"].get("file_bytes"), entry["cost"].get("weight_bytes")):
+        if _number(value) and value > 0:
+            return value / MB
+    return None
+
+
+def _ms_per_token(entry: dict) -> float | None:
+    speed = _number(entry["cost"].get("decode_tokens_per_s"))
+    return 1000.0 / speed if speed and speed > 0 else None
+
+
+def _metric(entry: dict, task: str, metric: str) -> float | None:
+    metrics = entry["results"].get(task)
+    return _number(metrics.get(metric)) if isinstance(metrics, dict) else None
+
+
+def _quality_metric(entries: list[dict], task: str) -> str | None:
+    """The metric plotted for a task: the first of QUALITY_METRICS that some model has a number for."""
+    for metric in QUALITY_METRICS:
+        if any(_metric(e, task, metric) is not None for e in entries):
+            return metric
+    return None
+
+
+def _tasks(entries: list[dict]) -> list[str]:
+    tasks: list[str] = []
+    for entry in entries:
+        tasks += [t for t, m in entry["results"].items() if isinstance(m, dict) and t not in tasks]
+    return tasks
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_") or "task"
+
+
+PLOTS = (("size", "weights (MB)", _size_mb, "model.weight_bytes or model.file_bytes"),
+         ("latency", "decode latency (ms/token, = 1000 / decode tok/s)", _ms_per_token, "cost.decode_tokens_per_s"))
+
+
+def plot_runs(runs: list[dict], out_dir, notes: list[str] | None = None) -> list[Path]:
+    """PNGs of quality against weight size and against decode latency, one pair per task, Pareto front
+    marked. A plot without the fields it needs is skipped, with the reason appended to `notes` (printed
+    to stderr when no list is given). Returns the paths written."""
+    entries = _merge_by_model(runs)
+    out_dir, written, reasons = Path(out_dir), [], []
+    tasks = [t for t in _tasks(entries) if _quality_metric(entries, t)]
+    if not tasks:
+        reasons.append("all plots skipped: no run has results.<task>.perplexity, .acc or .acc_norm")
+    for task in tasks:
+        metric = _quality_metric(entries, task)
+        for name, x_title, x_of, needs in PLOTS:
+            points = [(x_of(e), _metric(e, task, metric), e["label"]) for e in entries]
+            points = [p for p in points if p[0] is not None and p[1] is not None]
+            if not points:
+                reasons.append(f"{task} vs {name} skipped: no run with {task}.{metric} also has {needs}")
+                continue
+            path = out_dir / f"{_slug(task)}-vs-{name}.png"
+            written.append(_plot(points, path, x_title, task, metric))
+    _report_notes(reasons, notes)
+    return written
+
+
+def _report_notes(reasons: list[str], notes: list[str] | None) -> None:
+    if notes is not None:
+        notes.extend(reasons)
+    else:
+        for reason in reasons:
+            print(f"slm report: {reason}", file=sys.stderr)
+
+
+def _plot(points: list[tuple[float, float, str]], path: Path, x_title: str, task: str, metric: str) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    from matplotlib import pyplot as plt
+
+    minimize = metric in LOWER_IS_BETTER
+    front = pareto_front([(x, y) for x, y, _ in points], minimize_y=minimize)
+    fig, ax = plt.subplots(figsize=(8, 5.5), dpi=120)
+    try:
+        _draw(ax, points, front, x_title, task, metric, minimize)
+        buffer = io.BytesIO()
+        fig.savefig(buffer, format="png", bbox_inches="tight")
+    finally:
+        plt.close(fig)
+    return _atomic_write(path, buffer.getvalue())
+
+
+def _draw(ax, points, front: list[int], x_title: str, task: str, metric: str, minimize: bool) -> None:
+    xs, ys = [p[0] for p in points], [p[1] for p in points]
+    ax.scatter(xs, ys, s=40, color="tab:blue", alpha=0.7, label="runs", zorder=2)
+    ax.plot([xs[i] for i in front], [ys[i] for i in front], "--", color="tab:orange", lw=1.5, zorder=1)
+    ax.scatter([xs[i] for i in front], [ys[i] for i in front], s=110, color="tab:orange", edgecolors="black",
+               label="Pareto front", zorder=3)
+    for x, y, label in points:
+        ax.annotate(label, (x, y), xytext=(6, 5), textcoords="offset points", fontsize=8)
+    if min(xs) > 0 and max(xs) / min(xs) > 20:
+        ax.set_xscale("log")
+    better = "lower is better" if minimize else "higher is better"
+    ax.set_xlabel(x_title)
+    ax.set_ylabel(f"{task} {metric} ({better})")
+    ax.set_title(f"{task}: {metric} vs {x_title.split(' (')[0]} (front: better quality at lower cost)")
+    ax.grid(True, alpha=0.3)
+    ax.legend(loc="best", fontsize=8)
+    ax.margins(0.12)
+
+
+# ----------------------------------------------------------------------------------------- report
+
+
+def _comparison_columns(runs: list[dict]) -> list[tuple[str, callable]]:
+    """(header, value getter) for the comparison table; columns no run has a value for are left out."""
+    columns = [("params", lambda r: (r.get("model") or {}).get("params")),
+               ("weights MB", lambda r: _size_mb({"model": r.get("model") or {}, "cost": r.get("cost") or {}}))]
+    entries = _merge_by_model(runs)
+    for task in _tasks(entries):
+        for metric in QUALITY_METRICS:
+            columns.append((f"{task} {metric}", lambda r, t=task, m=metric: _run_metric(r, t, m)))
+    columns.append(("KL divergence", lambda r: (r.get("fidelity") or {}).get("kl_divergence")))
+    columns += [(header, lambda r, k=key: (r.get("cost") or {}).get(k)) for key, header in COST_COLUMNS]
+    columns.append(("ms/token", lambda r: _ms_per_token({"cost": r.get("cost") or {}})))
+    return [(h, get) for h, get in columns if any(get(r) is not None for r in runs)]
+
+
+def _run_metric(run: dict, task: str, metric: str):
+    metrics = (run.get("results") or {}).get(task)
+    return metrics.get(metric) if isinstance(metrics, dict) else None
+
+
+def _protocol_notes(runs: list[dict], names: list[str]) -> list[str]:
+    """A note for each task whose recorded protocol differs between runs: their numbers do not compare."""
+    notes, seen = [], {}
+    for run, name in zip(runs, names):
+        for task, metrics in (run.get("results") or {}).items():
+            if isinstance(metrics, dict) and isinstance(metrics.get("protocol"), dict):
+                seen.setdefault(task, {}).setdefault(json.dumps(metrics["protocol"], sort_keys=True, default=str), []).append(name)
+    for task, variants in seen.items():
+        if len(variants) > 1:
+            groups = "; ".join(", ".join(v) for v in variants.values())
+            notes.append(f"{task}: the protocol differs between runs ({groups}); compare these numbers with care")
+    return notes
+
+
+def comparison_markdown(runs: list[dict], names: list[str], plots: list[Path], notes: list[str]) -> str:
+    """report.md: one row per run with the key metrics, the plots, and notes (skipped plots, protocol drift)."""
+    columns = _comparison_columns(runs)
+    labels = _labels([r.get("model") or {} for r in runs])
+    rows = [[name, run.get("kind"), label, (run.get("model") or {}).get("format"), (run.get("model") or {}).get("dtype")]
+            + [get(run) for _, get in columns] for run, name, label in zip(runs, names, labels)]
+    lines = ["# slmkit report", "", f"{len(runs)} run(s), schema `{SCHEMA}`. Perplexity, KL divergence, latency "
+             "and memory: lower is better; acc, acc_norm and tok/s: higher is better.", ""]
+    lines += _table(["run", "kind", "model", "format", "dtype"] + [h for h, _ in columns], rows)
+    if plots:
+        lines += ["", "## Plots"] + [line for p in plots for line in ("", f"![{p.stem}]({p.name})")]
+    if notes:
+        lines += ["", "## Notes", ""] + [f"- {n}" for n in notes]
+    return "\n".join(lines) + "\n"
+
+
+def build_report(paths: list[str], out_dir) -> list[Path]:
+    """Read the runs at `paths`, write the plots and report.md into `out_dir`; returns the files written
+    (report.md last). Skipped plots and protocol differences are listed in report.md and on stderr."""
+    require(len(paths) > 0, "report: give at least one run file")
+    runs = [read_run(p) for p in paths]
+    names = [Path(p).name for p in paths]
+    out_dir = Path(out_dir)
+    require(not out_dir.exists() or out_dir.is_dir(), f"{out_dir}: exists and is not a folder")
+    notes: list[str] = []
+    plots = plot_runs(runs, out_dir, notes)
+    notes += _protocol_notes(runs, names)
+    _report_notes(notes, None)
+    report = _atomic_write(out_dir / "report.md", comparison_markdown(runs, names, plots, notes).encode("utf-8"))
+    return plots + [report]
