@@ -6,11 +6,7 @@ interrupted job never leaves a half-written artifact under the requested name.
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -19,26 +15,10 @@ from safetensors.torch import save_file
 from . import convert
 from .config import ModelConfig
 from .errors import SlmError, require
+from .files import atomic_output
 
 CHECKPOINT_FORMAT = 1
 CHECKPOINT_MARKER = "slmkit.json"
-
-
-@contextlib.contextmanager
-def atomic_output(out: Path, force: bool = False, is_dir: bool = True):
-    """Yield a temporary path beside `out`; on success it replaces `out`, on failure it is removed."""
-    out = Path(out)
-    require(force or not out.exists(), f"{out} exists; pass --force to overwrite")
-    require(out.parent.is_dir() or not str(out.parent), f"{out.parent}: no such directory")
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
-    target = tmp if is_dir else tmp / out.name
-    try:
-        yield target
-        if out.exists():
-            shutil.rmtree(out) if out.is_dir() else out.unlink()
-        os.replace(target, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _contiguous_state(model) -> dict[str, torch.Tensor]:

@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..errors import SlmError, require
+from ..files import atomic_output
 from ..progress import progress
 from .data import Text
 from .perplexity import PerplexityProtocol, protocol_record, window_sequences
@@ -46,9 +47,8 @@ def reference_logprobs(reference, sequences, firsts, cache_dir: Path | None, sou
               for seq, f in progress(list(zip(sequences, firsts)), "reference logits")]
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        save_file({str(i): t.float() for i, t in enumerate(result)}, str(tmp))
-        tmp.replace(path)
+        with atomic_output(path, force=True, is_dir=False) as tmp:
+            save_file({str(i): t.float() for i, t in enumerate(result)}, str(tmp))
     return result
 
 

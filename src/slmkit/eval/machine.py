@@ -12,13 +12,14 @@ import json
 import os
 import platform
 import sys
-import tempfile
 import time
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
 
 import torch
+
+from ..files import write_atomic
 
 CACHE_SCHEMA = 1  # bump when a microbenchmark changes, so cached speeds are measured again
 PROBE_BYTES = 256 * 2**20  # 8x the 32 MiB L3 of the reference machine: reads come from memory, not cache
@@ -132,16 +133,7 @@ def read_cache(path: Path) -> dict:
 
 
 def write_cache(path: Path, machines: dict) -> None:
-    """Write atomically: a temporary file in the same folder, renamed over the old one when complete."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".machine-", suffix=".json", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump({"schema": CACHE_SCHEMA, "machines": machines}, f, indent=2)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    write_atomic(path, json.dumps({"schema": CACHE_SCHEMA, "machines": machines}, indent=2).encode())
 
 
 def machine_speed(refresh: bool = False) -> dict:

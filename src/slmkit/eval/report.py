@@ -8,22 +8,20 @@ marked. The schema is documented in docs/run-schema.md.
 
 from __future__ import annotations
 
-import contextlib
 import importlib.metadata
 import io
 import json
 import math
-import os
 import platform
 import re
 import shlex
 import sys
-import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 
 from .machine import machine_info
 from ..errors import SlmError, require
+from ..files import write_atomic
 
 SCHEMA = "slmkit.run/1"
 KINDS = ("eval", "bench")
@@ -63,25 +61,6 @@ def _versions() -> dict:
 # ----------------------------------------------------------------------------------------- files
 
 
-def _atomic_write(path: Path, data: bytes) -> Path:
-    """Write `data` to a temporary file beside `path`, then rename it over `path`: readers see the old
-    file or the new one, never a part; on failure nothing is left behind."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    return path
-
-
 def validate_run(run: object, where: str = "run") -> dict:
     """The envelope checks shared by write_run and read_run; returns the run."""
     require(isinstance(run, dict), f"{where}: not a slmkit run (top level is {type(run).__name__}, not an object)")
@@ -103,8 +82,8 @@ def write_run(run: dict, path) -> Path:
     except (TypeError, ValueError) as e:  # a non-serialisable value, or a reference cycle
         raise SlmError(f"{path}: run cannot be written as JSON: {e}") from None
     markdown = to_markdown(run)
-    _atomic_write(path, text.encode("utf-8"))
-    _atomic_write(path.with_suffix(".md"), markdown.encode("utf-8"))
+    write_atomic(path, text.encode("utf-8"))
+    write_atomic(path.with_suffix(".md"), markdown.encode("utf-8"))
     return path
 
 
@@ -360,7 +339,7 @@ def _plot(points: list[tuple[float, float, str]], path: Path, x_title: str, task
         fig.savefig(buffer, format="png", bbox_inches="tight")
     finally:
         plt.close(fig)
-    return _atomic_write(path, buffer.getvalue())
+    return write_atomic(path, buffer.getvalue())
 
 
 def _draw(ax, points, front: list[int], x_title: str, task: str, metric: str, minimize: bool) -> None:
@@ -446,5 +425,5 @@ def build_report(paths: list[str], out_dir) -> list[Path]:
     plots = plot_runs(runs, out_dir, notes)
     notes += _protocol_notes(runs, names)
     _report_notes(notes, None)
-    report = _atomic_write(out_dir / "report.md", comparison_markdown(runs, names, plots, notes).encode("utf-8"))
+    report = write_atomic(out_dir / "report.md", comparison_markdown(runs, names, plots, notes).encode("utf-8"))
     return plots + [report]
