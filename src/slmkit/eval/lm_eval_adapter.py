@@ -37,20 +37,18 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-import torch
 from lm_eval.api.model import LM
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
 from ..errors import require
 from ..generate import GenerationConfig, generate
-from ..loader import LoadedModel, load
+from ..loader import DTYPES, LoadedModel, load
 from ..progress import progress
 from .scoring import score
 
 log = logging.getLogger(__name__)
 
 MODEL_NAME = "slmkit"
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 DEFAULT_BATCH_SIZE = 8
 
 
