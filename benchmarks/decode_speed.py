@@ -32,14 +32,17 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from torch import nn
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from slmkit import kernels  # noqa: E402
 from slmkit.checkpoint import export_gguf_float  # noqa: E402
+from slmkit.eval.cost import decode_bytes_per_token  # noqa: E402
+from slmkit.eval.machine import measure_read_bandwidth_gbs  # noqa: E402
 from slmkit.generate import GenerationConfig, Timings, generate  # noqa: E402
 from slmkit.loader import default_model_path, load  # noqa: E402
+
+PROBE_BYTES = 2**30  # the bandwidth probe: 1 GiB, far past the caches
 
 THREADS = 2
 WIKITEXT = Path(__file__).resolve().parents[2] / "shared/data/wikitext2/wikitext-2-raw/wiki.test.raw"
@@ -207,7 +210,7 @@ def measure(engines: dict[str, Engine], prompt: list[int], n: int, rounds: int):
     read-bandwidth probe. Returns the runs by engine and the bandwidth (GB/s) of each round."""
     names = [name for name in ENGINE_ORDER if name in engines]
     runs: dict[str, list[Run]] = {name: [] for name in names}
-    probe, bandwidths = torch.ones(2**30 // 4, dtype=torch.float32), []  # 1 GiB, every page resident
+    bandwidths = []
     for r in range(rounds + 1):
         order = names[r % len(names):] + names[:r % len(names)]
         results = {name: engines[name](prompt, n) for name in order}
@@ -217,29 +220,12 @@ def measure(engines: dict[str, Engine], prompt: list[int], n: int, rounds: int):
         if r == 0:
             print("warm-up done", file=sys.stderr)
             continue
-        bandwidths.append(read_bandwidth_gbs(probe))
+        bandwidths.append(measure_read_bandwidth_gbs(PROBE_BYTES))
         for name in names:
             runs[name].append(results[name])
         print(f"round {r}/{rounds} (load average {os.getloadavg()[0]:.1f}), decode tok/s: "
               + ", ".join(f"{name} {results[name].decode_tps:.1f}" for name in names), file=sys.stderr)
     return runs, bandwidths
-
-
-def read_bandwidth_gbs(probe: torch.Tensor, repeats: int = 3) -> float:
-    """Read bandwidth in GB/s: the best of `repeats` torch.sum over `probe`, on torch's threads (set to 2)."""
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        probe.sum()
-        best = min(best, time.perf_counter() - start)
-    return probe.numel() * probe.element_size() / best / 1e9
-
-
-def weights_read_per_token(model) -> int:
-    """Parameters read per decoded token: every linear weight plus the output projection (the tied embedding;
-    an untied lm_head is already a Linear). The input embedding is a one-row lookup and is not counted."""
-    linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear))
-    return linear + (model.output_weight.numel() if model.lm_head is None else 0)
 
 
 # ---- reporting -------------------------------------------------------------------------------------
@@ -268,15 +254,15 @@ def engine_row(name: str, runs: dict[str, list[Run]], ceilings: dict[str, float]
             "rounds": [{"prompt_tok_s": r.prompt_tps, "decode_tok_s": r.decode_tps} for r in runs[name]]}
 
 
-def summarize(runs, missing, params: int, bandwidths: list[float]) -> dict:
+def summarize(runs, missing, bytes_per_token: dict[str, int], bandwidths: list[float]) -> dict:
     bandwidth = statistics.median(bandwidths)
-    ceilings = {"fp32": bandwidth * 1e9 / (4 * params), "bf16": bandwidth * 1e9 / (2 * params)}
+    ceilings = {dtype: bandwidth * 1e9 / nbytes for dtype, nbytes in bytes_per_token.items()}
     rows = {name: engine_row(name, runs, ceilings) if name in runs
             else {"available": False, "reason": missing.get(name, "not run")} for name in ENGINE_ORDER}
     slow = sum(r.decode_tps < rows[name]["decode_tok_s"] / 2 for name in runs for r in runs[name])
     return {"engines": rows, "disturbed_runs": slow, "read_bandwidth_GBps": bandwidth,
-            "read_bandwidth_GBps_rounds": bandwidths, "weight_params_read_per_token": params,
-            "weight_bytes_per_token": {"fp32": 4 * params, "bf16": 2 * params}, "ceiling_tok_s": ceilings}
+            "read_bandwidth_GBps_rounds": bandwidths, "weight_bytes_per_token": bytes_per_token,
+            "ceiling_tok_s": ceilings}
 
 
 def fmt_ratio(value: float | None) -> str:
@@ -304,14 +290,15 @@ def print_table(summary: dict, args) -> None:
 
 
 def print_floor(summary: dict) -> None:
-    params, bw = summary["weight_params_read_per_token"], summary["read_bandwidth_GBps"]
+    bw = summary["read_bandwidth_GBps"]
     low, high = min(summary["read_bandwidth_GBps_rounds"]), max(summary["read_bandwidth_GBps_rounds"])
     print(f"\nMemory-bandwidth floor: read bandwidth {bw:.1f} GB/s (median over rounds, range {low:.1f}-{high:.1f}, "
-          f"of the best of 3 torch.sum over a 1 GiB float32 tensor on {THREADS} threads)")
-    print(f"Weights read per token: {params / 1e6:.1f}M parameters (all linear weights + the tied output "
-          f"embedding; input embedding lookup and KV cache not counted)")
-    for dtype, size in (("fp32", 4), ("bf16", 2)):
-        print(f"  {dtype}: {size * params / 1e6:.1f} MB/token -> ceiling {summary['ceiling_tok_s'][dtype]:.1f} tok/s"
+          f"of slmkit.eval.machine.measure_read_bandwidth_gbs: best torch.sum over a 1 GiB float32 tensor on "
+          f"{THREADS} threads)")
+    print("Weights read per token (slmkit.eval.cost.decode_bytes_per_token: all linear weights + the tied output "
+          "embedding; input embedding lookup and KV cache not counted)")
+    for dtype, nbytes in summary["weight_bytes_per_token"].items():
+        print(f"  {dtype}: {nbytes / 1e6:.1f} MB/token -> ceiling {summary['ceiling_tok_s'][dtype]:.1f} tok/s"
               f" ({1e3 / summary['ceiling_tok_s'][dtype]:.2f} ms/token)")
     print("Ratios: median over rounds of the decode tok/s ratio measured in the same round. "
           "'same tokens': leading generated tokens identical to slmkit fp32's (round 1).")
@@ -347,7 +334,8 @@ def main(argv=None) -> None:
         engines, missing = build_engines(lm32, lm16, Path(tmp), max(512, args.prompt_tokens + args.new_tokens))
         runs, bandwidths = measure(engines, prompt, args.new_tokens, args.rounds)
         engines.clear()  # llama.cpp unmaps the temporary file before it is deleted
-    summary = summarize(runs, missing, weights_read_per_token(lm32.model), bandwidths)
+    per_token = {"fp32": decode_bytes_per_token(lm32.model), "bf16": decode_bytes_per_token(lm16.model)}
+    summary = summarize(runs, missing, per_token, bandwidths)
     summary["settings"] = {"threads": THREADS, "rounds": args.rounds, "new_tokens": args.new_tokens,
                            "prompt_tokens": args.prompt_tokens, "torch": torch.__version__}
     print_table(summary, args)

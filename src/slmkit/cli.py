@@ -74,11 +74,15 @@ def _eval_parsers(sub) -> None:
     report.add_argument("-o", "--out", required=True, help="output folder")
 
 
+def _set_threads(args) -> None:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+
 def _load(args):
     from .loader import load
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    _set_threads(args)
     return load(args.model, dtype=DTYPES[args.dtype])
 
 
@@ -163,8 +167,7 @@ def cmd_eval(args) -> None:
     from .eval.report import to_markdown
     from .eval.run import EvalConfig, run_eval
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    _set_threads(args)
     protocol = PerplexityProtocol(args.window, args.stride, args.max_windows, args.add_bos)
     cfg = EvalConfig([t for t in args.tasks.split(",") if t], args.limit, protocol, args.batch_size,
                      args.reference, Path(args.reference_cache) if args.reference_cache else None)
@@ -176,8 +179,7 @@ def cmd_bench(args) -> None:
     from .eval.cost import CostConfig, format_cost
     from .eval.run import run_bench
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    _set_threads(args)
     cfg = CostConfig(prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens, runs=args.runs)
     run = run_bench(args.model, cfg, DTYPES[args.dtype], sys.argv)
     _finish_run(run, args.json, format_cost(run["cost"]))

@@ -1,4 +1,4 @@
-"""Atomic outputs: every artifact slmkit writes appears complete under its name, or not at all."""
+"""Where slmkit writes: atomic outputs (complete under their name, or not at all) and its cache folder."""
 
 from __future__ import annotations
 
@@ -9,6 +9,11 @@ import tempfile
 from pathlib import Path
 
 from .errors import require
+
+
+def cache_dir() -> Path:
+    """slmkit's cache folder: $SLMKIT_CACHE, default ~/.cache/slmkit (compiled kernels, machine speeds)."""
+    return Path(os.environ.get("SLMKIT_CACHE", Path.home() / ".cache" / "slmkit"))
 
 
 @contextlib.contextmanager

@@ -19,7 +19,7 @@ from typing import Callable
 
 import torch
 
-from ..files import write_atomic
+from ..files import cache_dir, write_atomic
 
 CACHE_SCHEMA = 1  # bump when a microbenchmark changes, so cached speeds are measured again
 PROBE_BYTES = 256 * 2**20  # 8x the 32 MiB L3 of the reference machine: reads come from memory, not cache
@@ -119,7 +119,7 @@ def measure_speed() -> dict:
 # ---- the cache -----------------------------------------------------------------------------------------
 def cache_path() -> Path:
     """machine.json in $SLMKIT_CACHE (default ~/.cache/slmkit), beside the compiled kernels."""
-    return Path(os.environ.get("SLMKIT_CACHE", Path.home() / ".cache" / "slmkit")) / "machine.json"
+    return cache_dir() / "machine.json"
 
 
 def read_cache(path: Path) -> dict:

@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+import json
+
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import require
 from ..info import model_info
 from ..loader import LoadedModel, load
-from .data import NAMED_FILES, read_jsonl, read_text, resolve_source
+from .data import NAMED_FILES, Text, read_text, resolve_source
 from .fidelity import fidelity
 from .perplexity import PerplexityProtocol, perplexity
 from .report import run_envelope
-from .tasks import evaluate_task, load_task
+from .tasks import Question, evaluate_task, load_task
 
 TEXT_TASKS = ("wikitext2", "wikitext2-valid", "tinyshakespeare")
 
@@ -34,6 +36,16 @@ class EvalConfig:
         return self
 
 
+@dataclass
+class Task:
+    """One task's data, read before any model is loaded: text to score, or multiple-choice questions."""
+
+    name: str
+    text: Text | None = None
+    questions: list[Question] | None = None
+    source: str = ""
+
+
 def is_text_task(spec: str) -> bool:
     """Perplexity on text (named corpora, text files, folders, hub datasets) vs multiple-choice questions."""
     if spec in TEXT_TASKS:
@@ -41,13 +53,35 @@ def is_text_task(spec: str) -> bool:
     if spec in NAMED_FILES:
         return False
     path = resolve_source(spec)
-    if path is None or path.is_dir() or path.suffix != ".jsonl":
-        return True
-    return "text" in read_jsonl(path)[0]
+    return path is None or path.is_dir() or path.suffix != ".jsonl" or _first_record_has_text(path)
+
+
+def _first_record_has_text(path: Path) -> bool:
+    """Whether a JSON Lines file holds text (field `text`); a malformed line is left for its reader to report."""
+    with path.open("rb") as f:
+        line = next((line for line in f if line.strip()), b"")
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return False
+    return isinstance(record, dict) and "text" in record
 
 
 def task_name(spec: str) -> str:
     return spec if spec in NAMED_FILES or resolve_source(spec) is None else Path(spec).stem
+
+
+def read_tasks(cfg: EvalConfig) -> list[Task]:
+    """Every task's data, read and checked once (bad data fails before minutes are spent loading a model)."""
+    tasks = []
+    for spec in cfg.tasks:
+        if is_text_task(spec):
+            text = read_text(spec)
+            tasks.append(Task(task_name(spec), text=text, source=text.source))
+        else:
+            questions, path = load_task(spec)
+            tasks.append(Task(task_name(spec), questions=questions[:cfg.limit], source=path))
+    return tasks
 
 
 def _protocol(cfg: EvalConfig) -> PerplexityProtocol:
@@ -57,17 +91,16 @@ def _protocol(cfg: EvalConfig) -> PerplexityProtocol:
     return p
 
 
-def evaluate(lm: LoadedModel, cfg: EvalConfig) -> dict[str, dict]:
+def evaluate(lm: LoadedModel, tasks: list[Task], cfg: EvalConfig) -> dict[str, dict]:
     """results.<task> for every task; perplexity tasks record their protocol, MC tasks their file."""
     results = {}
-    for spec in cfg.tasks:
-        if is_text_task(spec):
-            results[task_name(spec)] = perplexity(lm.model, lm.tokenizer, read_text(spec), _protocol(cfg), 1)
+    for task in tasks:
+        if task.text is not None:
+            results[task.name] = perplexity(lm.model, lm.tokenizer, task.text, _protocol(cfg), 1)
         else:
-            questions, path = load_task(spec)
-            res = evaluate_task(lm.model, lm.tokenizer, questions[:cfg.limit], cfg.batch_size)
-            results[task_name(spec)] = {**res, "source": path, "protocol": {"scoring": "sum of continuation "
-                                        "log-probabilities; acc_norm divides by the continuation's UTF-8 bytes"}}
+            res = evaluate_task(lm.model, lm.tokenizer, task.questions, cfg.batch_size)
+            results[task.name] = {**res, "source": task.source, "protocol": {"scoring": "sum of continuation "
+                                  "log-probabilities; acc_norm divides by the continuation's UTF-8 bytes"}}
     return results
 
 
@@ -78,23 +111,16 @@ def model_record(lm: LoadedModel, dtype: str) -> dict:
 
 
 def run_eval(model: str | None, cfg: EvalConfig, dtype, command: list[str]) -> dict:
-    cfg.validate()
-    for spec in cfg.tasks:  # fail on bad task data before spending minutes on the model
-        if not is_text_task(spec):
-            load_task(spec)
+    tasks = read_tasks(cfg.validate())
     lm = load(model, dtype=dtype)
     run = run_envelope("eval", model_record(lm, str(dtype).removeprefix("torch.")), command)
-    run["results"] = evaluate(lm, cfg)
+    run["results"] = evaluate(lm, tasks, cfg)
     if cfg.reference:
-        run["fidelity"] = _fidelity(lm, cfg)
+        text = next((t.text for t in tasks if t.text is not None), None) or read_text("wikitext2")
+        reference = load(cfg.reference)
+        run["fidelity"] = fidelity(lm.model, reference.model, lm.tokenizer, reference.tokenizer, text,
+                                   _protocol(cfg), cfg.reference_cache, reference.source)
     return run
-
-
-def _fidelity(lm: LoadedModel, cfg: EvalConfig) -> dict:
-    text_tasks = [t for t in cfg.tasks if is_text_task(t)] or ["wikitext2"]
-    reference = load(cfg.reference)
-    return fidelity(lm.model, reference.model, lm.tokenizer, reference.tokenizer, read_text(text_tasks[0]),
-                    _protocol(cfg), cfg.reference_cache, reference.source)
 
 
 def run_bench(model: str | None, cfg, dtype, command: list[str]) -> dict:

@@ -98,26 +98,28 @@ def encode_pair(tokenizer, context: str, continuation: str, max_len: int) -> tup
     return seq, len(seq) - len(cont)
 
 
+def loglikelihoods(model, tokenizer, pairs: list[tuple[str, str]], batch_size: int = 8,
+                   description: str | None = None) -> list[float]:
+    """Sum of log-probabilities of each continuation after its context."""
+    encoded = [encode_pair(tokenizer, c, x, model.cfg.max_seq_len) for c, x in pairs]
+    scored = score(model, [s for s, _ in encoded], batch_size, first=[f for _, f in encoded], description=description)
+    return [float(s.logprobs.sum()) for s in scored]
+
+
+def _argmax(values: list[float]) -> int:
+    return max(range(len(values)), key=values.__getitem__)
+
+
 def evaluate_task(model, tokenizer, questions: list[Question], batch_size: int = 8) -> dict:
-    """acc and acc_norm over the questions, plus the per-choice log-likelihoods' count."""
-    encoded = [encode_pair(tokenizer, c, x, model.cfg.max_seq_len) for q in questions for c, x in q.pairs]
-    scored = score(model, [s for s, _ in encoded], batch_size, first=[f for _, f in encoded],
-                   description="multiple choice")
-    lls, k = iter([float(s.logprobs.sum()) for s in scored]), 0
+    """acc and acc_norm over the questions (acc_norm: log-likelihood per UTF-8 byte of the continuation)."""
+    pairs = [pair for q in questions for pair in q.pairs]
+    lls = iter(loglikelihoods(model, tokenizer, pairs, batch_size, description="multiple choice"))
     correct = correct_norm = 0
     for q in questions:
         ll = [next(lls) for _ in q.pairs]
         norm = [v / max(len(x.encode("utf-8")), 1) for v, (_, x) in zip(ll, q.pairs)]
-        correct += int(max(range(len(ll)), key=ll.__getitem__) == q.answer)
-        correct_norm += int(max(range(len(norm)), key=norm.__getitem__) == q.answer)
-        k += len(q.pairs)
-    n = len(questions)
-    return {"acc": correct / n, "acc_norm": correct_norm / n, "acc_stderr": (correct / n * (1 - correct / n) / max(n - 1, 1)) ** 0.5,
-            "questions": n, "choices_scored": k}
-
-
-def loglikelihoods(model, tokenizer, pairs: list[tuple[str, str]], batch_size: int = 8) -> list[float]:
-    """Sum of log-probabilities of each continuation after its context (for tests and adapters)."""
-    encoded = [encode_pair(tokenizer, c, x, model.cfg.max_seq_len) for c, x in pairs]
-    scored = score(model, [s for s, _ in encoded], batch_size, first=[f for _, f in encoded])
-    return [float(s.logprobs.sum()) for s in scored]
+        correct += int(_argmax(ll) == q.answer)
+        correct_norm += int(_argmax(norm) == q.answer)
+    n, acc = len(questions), correct / len(questions)
+    return {"acc": acc, "acc_norm": correct_norm / n, "acc_stderr": (acc * (1 - acc) / max(n - 1, 1)) ** 0.5,
+            "questions": n, "choices_scored": len(pairs)}

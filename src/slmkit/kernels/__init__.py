@@ -19,6 +19,8 @@ from pathlib import Path
 
 import torch
 
+from ..files import cache_dir
+
 SOURCE = Path(__file__).with_name("gemv.c")
 MAX_ROWS = 8  # up to this many input rows (batch x new tokens) the kernel beats torch's GEMM
 # Below this many weights one thread is faster than waking a team: an OpenMP region costs microseconds when
@@ -27,14 +29,10 @@ MIN_PARALLEL_WEIGHTS = 1 << 17
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
 
 
-def cache_dir() -> Path:
-    return Path(os.environ.get("SLMKIT_CACHE", Path.home() / ".cache" / "slmkit")) / "kernels"
-
-
 def _build(source: Path) -> Path:
     """Compile `source` once per (source, flags, machine); the .so is renamed into place when complete."""
     key = hashlib.sha256(source.read_bytes() + " ".join(FLAGS).encode() + os.uname().machine.encode()).hexdigest()[:16]
-    target = cache_dir() / f"{source.stem}-{key}.so"
+    target = cache_dir() / "kernels" / f"{source.stem}-{key}.so"
     if not target.is_file():
         target.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
