@@ -210,7 +210,8 @@ class Decoder(nn.Module):
         if cfg.embed_scale != 1.0:
             x = x * torch.tensor(cfg.embed_scale, dtype=x.dtype)
         ropes = {False: self.rope[:, pos:pos + T], True: self.rope_local[:, pos:pos + T]}  # [2, T, D] each
-        masks = {False: attention_mask(T, pos, None, x.device), True: attention_mask(T, pos, cfg.sliding_window, x.device)}
+        full = attention_mask(T, pos, None, x.device)
+        masks = {False: full, True: attention_mask(T, pos, cfg.sliding_window, x.device) if cfg.sliding_window else full}
         for layer in range(cfg.n_layers):
             block = self.blocks[layer // cfg.share_blocks]
             x = block(x, ropes[block.sliding], masks[block.sliding], cache, layer, pos)
