@@ -120,12 +120,14 @@ def test_checkpoint_round_trip(name, tmp_path, tokenizer):
     model = custom_model(name)
     parent = tmp_path / "runs"
     parent.mkdir()
-    out = save_checkpoint(model, tokenizer, parent / "ckpt", compression=[{"step": "none"}])
+    model.compression.append({"method": "none"})
+    out = save_checkpoint(model, tokenizer, parent / "ckpt")
 
     assert [p.name for p in parent.iterdir()] == ["ckpt"]  # no temporary sibling left behind
     loaded = loader.load(out)
     assert loaded.kind == "slmkit"
     assert loaded.model.cfg == model.cfg
+    assert loaded.model.compression == [{"method": "none"}]
     assert torch.equal(loaded.model(tokens(SEQ)), model(tokens(SEQ)))
     assert loaded.tokenizer.encode("w5 w17") == [5, 17]
 

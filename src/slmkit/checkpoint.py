@@ -6,6 +6,7 @@ interrupted job never leaves a half-written artifact under the requested name.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -25,12 +26,17 @@ def _contiguous_state(model) -> dict[str, torch.Tensor]:
     return {k: v.detach().contiguous() for k, v in model.state_dict().items()}
 
 
-def save_checkpoint(model, tokenizer, out: Path, force: bool = False, compression: list | None = None) -> Path:
-    """Our format: slmkit.json (config, format version, compression steps) + model.safetensors + tokenizer."""
+def save_checkpoint(model, tokenizer, out: Path, force: bool = False) -> Path:
+    """Our format: slmkit.json (config, format version, compression steps, packed-module layout, KV-cache
+    scheme) + model.safetensors (packed weights stay packed) + tokenizer."""
+    from .quant.packed import packed_layout
+
     with atomic_output(out, force) as tmp:
         save_file(_contiguous_state(model), str(tmp / "model.safetensors"), metadata={"format": "pt"})
         tokenizer.save(tmp)
-        meta = {"format": CHECKPOINT_FORMAT, "config": model.cfg.to_dict(), "compression": compression or []}
+        kv = None if model.kv_scheme is None else dataclasses.asdict(model.kv_scheme)
+        meta = {"format": CHECKPOINT_FORMAT, "config": model.cfg.to_dict(), "compression": model.compression,
+                "packed": packed_layout(model), "kv_cache": kv}
         (tmp / CHECKPOINT_MARKER).write_text(json.dumps(meta, indent=2))
     return Path(out)
 

@@ -80,13 +80,28 @@ def load(spec: str | Path | None = None, dtype: torch.dtype = torch.float32) -> 
     return loaded
 
 
-def build(cfg: ModelConfig, state: dict[str, torch.Tensor], source: str) -> Decoder:
-    """A Decoder from a complete state dict (checked: every tensor present with the configured shape)."""
+def build(cfg: ModelConfig, state: dict[str, torch.Tensor], source: str, packed: dict | None = None) -> Decoder:
+    """A Decoder from a complete state dict (checked: every tensor present with the configured shape).
+
+    `packed` ({module name: scheme}, from a checkpoint) puts packed modules in place first; their codes, scales
+    and offsets load in their stored dtypes, every float tensor as float32."""
+    from .quant.packed import restore_layout_
+
     with torch.device("meta"):
         model = Decoder(cfg)
-    convert.check_complete(state, model.state_dict(), source)
-    model.load_state_dict({k: state[k].float() for k in model.state_dict()}, assign=True)
+        restore_layout_(model, packed or {})
+    expected = model.state_dict()
+    convert.check_complete(state, expected, source)
+    model.load_state_dict({k: state[k].float() if v.dtype == torch.float32 else state[k]
+                           for k, v in expected.items()}, assign=True)
+    _check_dtypes(model, expected, source)
     return model.eval()
+
+
+def _check_dtypes(model: Decoder, expected: dict, source: str) -> None:
+    for name, tensor in model.state_dict().items():
+        require(tensor.dtype == expected[name].dtype, f"{source}: {name} is {tensor.dtype}, expected "
+                f"{expected[name].dtype}")
 
 
 def _load_gguf(path: Path) -> LoadedModel:
@@ -112,7 +127,13 @@ def _load_checkpoint(folder: Path) -> LoadedModel:
             f"is not {CHECKPOINT_FORMAT}")
     cfg = ModelConfig.from_dict(meta["config"])
     tensors, size = _read_weights(folder)
-    return LoadedModel(build(cfg, tensors, str(folder)), Tokenizer.from_folder(folder), str(folder), "slmkit", size)
+    model = build(cfg, tensors, str(folder), meta.get("packed"))
+    model.compression = list(meta.get("compression", []))
+    if meta.get("kv_cache"):
+        from .quant.scheme import QScheme
+
+        model.kv_scheme = QScheme(**meta["kv_cache"])
+    return LoadedModel(model, Tokenizer.from_folder(folder), str(folder), "slmkit", size)
 
 
 def _read_json(path: Path) -> dict:

@@ -177,6 +177,8 @@ class Decoder(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg.validate()
+        self.compression: list[dict] = []  # the compression steps applied, as data (see slmkit.pipeline)
+        self.kv_scheme = None  # a QScheme: the KV cache is stored quantized (see slmkit.quant.kvcache)
         self.embed = nn.Embedding(cfg.vocab_size, cfg.dim)
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_stored_layers))
         self.norm = make_norm(cfg, cfg.dim)
@@ -189,8 +191,13 @@ class Decoder(nn.Module):
                              persistent=False)
 
     @property
-    def output_weight(self) -> torch.Tensor:
-        return self.embed.weight if self.lm_head is None else self.lm_head.weight
+    def output_module(self) -> nn.Module:
+        """The output projection: the untied lm_head, or the (tied) embedding table, float or packed."""
+        return self.embed if self.lm_head is None else self.lm_head
+
+    @property
+    def device(self) -> torch.device:
+        return self.norm.weight.device
 
     @property
     def compute_dtype(self) -> torch.dtype:
@@ -198,7 +205,12 @@ class Decoder(nn.Module):
         return self.norm.weight.dtype
 
     def new_cache(self, batch: int = 1, max_len: int | None = None) -> KVCache:
-        return KVCache(self.cfg, batch, max_len or self.cfg.max_seq_len, self.compute_dtype, self.embed.weight.device)
+        max_len = max_len or self.cfg.max_seq_len
+        if self.kv_scheme is not None:
+            from .quant.kvcache import QuantKVCache
+
+            return QuantKVCache(self.cfg, batch, max_len, self.kv_scheme, self.compute_dtype, self.device)
+        return KVCache(self.cfg, batch, max_len, self.compute_dtype, self.device)
 
     def forward(self, tokens: torch.Tensor, cache: KVCache | None = None, pos: int = 0,
                 last_only: bool = False) -> torch.Tensor:
@@ -217,9 +229,17 @@ class Decoder(nn.Module):
             x = block(x, ropes[block.sliding], masks[block.sliding], cache, layer, pos)
         if last_only:
             x = x[:, -1:]  # [B, 1, C]
-        x = self.norm(x)
-        logits = kernels.small_matmul(x, self.output_weight)
-        return logits if logits is not None else F.linear(x, self.output_weight.to(x.dtype))  # [B, T, V]
+        return self.project(self.norm(x))  # [B, T, V]
+
+    def project(self, x: torch.Tensor) -> torch.Tensor:
+        """Final hidden states [..., C] -> logits [..., V] through the output matrix (tied or not, float or packed)."""
+        head = self.output_module
+        if self.lm_head is not None:
+            return head(x)
+        if not isinstance(head, nn.Embedding):  # a packed table (slmkit.quant.packed.QuantEmbedding)
+            return head.project(x)
+        logits = kernels.small_matmul(x, head.weight)
+        return logits if logits is not None else F.linear(x, head.weight.to(x.dtype))
 
 
 def attention_mask(T: int, pos: int, window: int | None, device=None) -> torch.Tensor | None:

@@ -25,13 +25,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch import nn
 
 from ..errors import require
 from ..generate import GenerationConfig, Timings, generate
 from ..info import weight_bytes
 from ..loader import LoadedModel
 from ..model import Decoder
+from ..modules import is_matrix, matrix_bytes, matrix_numel
 from ..progress import progress
 from .machine import machine_speed
 
@@ -130,10 +130,10 @@ def find_meter(device: torch.device) -> tuple[RaplMeter | NvmlMeter | None, str]
 def decode_bytes_per_token(model: Decoder) -> int:
     """Bytes of weights a decoded token reads at least once: every linear weight in its stored dtype, plus the
     output matrix when it is the tied embedding (an untied lm_head is one of the linear layers)."""
-    weights = [m.weight for m in model.modules() if isinstance(m, nn.Linear)]
+    matrices = [m for m in model.modules() if is_matrix(m)]
     if model.lm_head is None:
-        weights.append(model.output_weight)
-    return sum(w.numel() * w.element_size() for w in weights)
+        matrices.append(model.output_module)
+    return sum(matrix_bytes(m) for m in matrices)
 
 
 def attended_pairs(tokens: int, window: int | None) -> int:
@@ -144,10 +144,10 @@ def attended_pairs(tokens: int, window: int | None) -> int:
 def prefill_flops(model: Decoder, tokens: int) -> int:
     """FLOPs to process a prompt of `tokens` and choose the first new token (see the module docstring)."""
     cfg = model.cfg
-    flops = 2 * model.output_weight.numel()  # generate projects the last position only
+    flops = 2 * matrix_numel(model.output_module)  # generate projects the last position only
     for layer in range(cfg.n_layers):
         block = model.blocks[layer // cfg.share_blocks]  # a shared block runs (and costs) once per layer
-        linear = sum(m.weight.numel() for m in block.modules() if isinstance(m, nn.Linear))
+        linear = sum(matrix_numel(m) for m in block.modules() if is_matrix(m))
         pairs = attended_pairs(tokens, cfg.sliding_window if block.sliding else None)
         flops += 2 * tokens * linear + 4 * block.attn.n_heads * block.attn.head_dim * pairs
     return flops
@@ -240,7 +240,7 @@ def measure_cost(lm: LoadedModel, cfg: CostConfig, prompt_ids: list[int] | None 
     model = lm.model
     prompt = choose_prompt(model, cfg, prompt_ids)
     speed = machine_speed()
-    meter, energy_source = find_meter(model.output_weight.device)
+    meter, energy_source = find_meter(model.device)
     runs = run_all(model, prompt, cfg, meter)
     by_dtype = weight_bytes(model)
     decode = median_of(runs, "decode_tokens_per_s")

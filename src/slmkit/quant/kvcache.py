@@ -1,0 +1,86 @@
+"""KV-cache quantization: keys and values stored as int8 or int4 codes, per token and head, in groups along
+the head dimension, with float16 scales (and offsets, asymmetric). Generation uses it through
+`Decoder.new_cache()` once `model.kv_scheme` is set (by `KVCacheConfig`, a pipeline step that changes no
+weight). Memory per cached token and layer: 2 x kv_heads x (head_dim x bits / 8 + groups x 2 [x 2]) bytes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from ..calib import CalibConfig
+from ..errors import require
+from .scheme import QScheme, codes_per_byte, dequantize, pack, qparams, quantize, unpack
+
+
+@dataclass
+class KVCacheConfig:
+    scheme: QScheme = field(default_factory=lambda: QScheme(8, 0, False))  # group 0: a whole head per scale
+    calib: CalibConfig = field(default_factory=CalibConfig)
+    method: ClassVar[str] = "kv_cache"
+    needs_calibration: ClassVar[bool] = False
+
+    def apply_(self, model: nn.Module, calib: torch.Tensor | None) -> None:
+        require(self.scheme.bits in (4, 8), f"KV-cache quantization supports 8 and 4 bits, got {self.scheme.bits}")
+        self.scheme.validate(model.cfg.head_size)
+        model.kv_scheme = self.scheme
+
+
+class _Store:
+    """Codes, scales and offsets of one layer's keys (or values): [B, K, max_len, ...]."""
+
+    def __init__(self, shape: tuple[int, int, int, int], scheme: QScheme, device):
+        B, K, L, D = shape
+        groups = D // scheme.width(D)
+        self.codes = torch.zeros(B, K, L, D // codes_per_byte(scheme.bits), dtype=torch.uint8, device=device)
+        self.scales = torch.zeros(B, K, L, groups, dtype=torch.float16, device=device)
+        self.offsets = None if scheme.symmetric else torch.zeros_like(self.scales)
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [t for t in (self.codes, self.scales, self.offsets) if t is not None]
+
+
+class QuantKVCache:
+    """Drop-in for model.KVCache: `update` stores the new keys/values quantized and returns all of them so
+    far, dequantized to the activation dtype."""
+
+    def __init__(self, cfg, batch: int, max_len: int, scheme: QScheme, dtype: torch.dtype, device=None):
+        self.max_len, self.scheme, self.dtype = max_len, scheme, dtype
+        self.width = scheme.width(cfg.head_size)
+        self.keys, self.values = [], []
+        for layer in range(cfg.n_layers):
+            _, kv = cfg.heads_of(layer // cfg.share_blocks)
+            shape = (batch, kv, max_len, cfg.head_size)
+            self.keys.append(_Store(shape, scheme, device))
+            self.values.append(_Store(shape, scheme, device))
+
+    def update(self, layer: int, pos: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store k, v [B, K, T, D] at positions pos..pos+T; return all keys and values so far [B, K, S, D]."""
+        end = pos + k.shape[2]
+        if end > self.max_len:
+            raise ValueError(f"KV cache holds {self.max_len} positions; asked for {end}")
+        self._put(self.keys[layer], pos, end, k)
+        self._put(self.values[layer], pos, end, v)
+        return self._get(self.keys[layer], end), self._get(self.values[layer], end)
+
+    def _put(self, store: _Store, pos: int, end: int, x: torch.Tensor) -> None:
+        g = x.float().unflatten(-1, (-1, self.width))  # [B, K, T, groups, width]
+        scale, offset = qparams(g, self.scheme)  # [B, K, T, groups, 1]
+        store.codes[:, :, pos:end] = pack(quantize(g, scale, offset, self.scheme).flatten(-2), self.scheme.bits)
+        store.scales[:, :, pos:end] = scale[..., 0].half()
+        if offset is not None:
+            store.offsets[:, :, pos:end] = offset[..., 0].half()
+
+    def _get(self, store: _Store, end: int) -> torch.Tensor:
+        codes = unpack(store.codes[:, :, :end], self.scheme.bits).unflatten(-1, (-1, self.width))  # [B,K,S,groups,w]
+        offsets = None if store.offsets is None else store.offsets[:, :, :end, :, None].float()
+        x = dequantize(codes, store.scales[:, :, :end, :, None].float(), offsets, self.scheme)
+        return x.flatten(-2).to(self.dtype)  # [B, K, S, D]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for s in self.keys + self.values for t in s.tensors())

@@ -1,0 +1,142 @@
+"""Packed low-bit weights that stay packed in memory: linear layers and embedding tables.
+
+A packed weight holds `qweight` (uint8 codes, 1, 2 or 4 per byte: see scheme.pack), `scales` (float16
+[out, groups]) and, for asymmetric schemes, `offsets` (float16 [out, groups]). Its bytes in memory are those
+buffers and nothing else: no float copy is kept. Few-row products (decode) run in slmkit's C kernels, which
+read the codes directly; many-row products (prefill, scoring) dequantize the matrix once per call and use
+torch's GEMM, whose cost is then shared by all rows.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import kernels
+from .scheme import QScheme, codes_per_byte, dequantize_weight, pack, unpack
+
+
+class PackedWeight(nn.Module):
+    """Base of QuantLinear and QuantEmbedding: the packed buffers and the products that read them."""
+
+    def __init__(self, out_features: int, in_features: int, scheme: QScheme):
+        super().__init__()
+        self.out_features, self.in_features, self.scheme = out_features, in_features, scheme.validate(in_features)
+        groups = in_features // scheme.width(in_features)
+        per = codes_per_byte(scheme.bits)
+        self.register_buffer("qweight", torch.zeros(out_features, in_features // per, dtype=torch.uint8))
+        self.register_buffer("scales", torch.ones(out_features, groups, dtype=torch.float16))
+        self.register_buffer("offsets", None if scheme.symmetric else torch.zeros(out_features, groups,
+                                                                                      dtype=torch.float16))
+
+    def set_codes(self, codes: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor | None) -> "PackedWeight":
+        """Store codes [out, in] with scales/offsets [out, groups] (already float16-exact: see scheme.qparams)."""
+        self.qweight = pack(codes, self.scheme.bits)
+        self.scales = scales.to(torch.float16).contiguous()
+        if offsets is not None:
+            self.offsets = offsets.to(torch.float16).contiguous()
+        return self
+
+    def codes(self) -> torch.Tensor:
+        return unpack(self.qweight, self.scheme.bits)  # [out, in]
+
+    def dequantize(self) -> torch.Tensor:
+        """The float32 matrix [out, in] these codes stand for."""
+        return dequantize_weight(self.codes(), self.scales, self.offsets, self.scheme)
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        """x [..., in] @ W.T -> [..., out]."""
+        y = kernels.packed_matmul(x, self)
+        if y is None:
+            y = F.linear(x, self.dequantize().to(x.dtype))
+        return y
+
+    @property
+    def weight_numel(self) -> int:
+        return self.out_features * self.in_features
+
+    def extra_repr(self) -> str:
+        return f"{self.in_features} -> {self.out_features}, {self.scheme.describe()}"
+
+
+class QuantLinear(PackedWeight):
+    """A packed linear layer. With act_bits (SmoothQuant's W8A8) its input is also quantized, dynamically per
+    token and symmetric, before the product."""
+
+    def __init__(self, in_features: int, out_features: int, scheme: QScheme, bias: bool = False, act_bits: int = 0):
+        super().__init__(out_features, in_features, scheme)
+        self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
+        self.act_bits = act_bits
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.act_bits:
+            x = quantize_activations(x, self.act_bits)
+        y = self.matmul(x)
+        return y if self.bias is None else y + self.bias.to(y.dtype)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + (f", activations int{self.act_bits} per token" if self.act_bits else "")
+
+
+def quantize_activations(x: torch.Tensor, bits: int) -> torch.Tensor:
+    """Dynamic per-token symmetric quantization of x [..., C]: the values int`bits` codes times a per-token
+    scale stand for (the product that follows equals an integer product rescaled, up to float summation)."""
+    qmax = (1 << (bits - 1)) - 1
+    scale = x.abs().amax(-1, keepdim=True).clamp(min=1e-8) / qmax  # [..., 1]
+    return torch.round(x / scale).clamp_(-qmax, qmax) * scale
+
+
+class QuantEmbedding(PackedWeight):
+    """A packed embedding table; `project` uses it as the (tied) output matrix."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, scheme: QScheme):
+        super().__init__(num_embeddings, embedding_dim, scheme)
+        self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens [...] -> rows [..., C], dequantizing only the rows asked for."""
+        flat = tokens.reshape(-1)
+        offsets = None if self.offsets is None else self.offsets[flat]
+        rows = dequantize_weight(unpack(self.qweight[flat], self.scheme.bits), self.scales[flat], offsets,
+                                 self.scheme)  # [N, C]
+        return rows.reshape(*tokens.shape, self.embedding_dim)
+
+    def project(self, x: torch.Tensor) -> torch.Tensor:
+        return self.matmul(x)
+
+
+def quantized_linear(linear: nn.Linear, codes, scales, offsets, scheme: QScheme) -> QuantLinear:
+    """A QuantLinear holding the given codes in place of `linear` (its bias kept in float32)."""
+    q = QuantLinear(linear.in_features, linear.out_features, scheme, bias=linear.bias is not None)
+    if linear.bias is not None:
+        q.bias.data = linear.bias.data.float().clone()
+    return q.set_codes(codes, scales, offsets)
+
+
+def quantized_embedding(embedding: nn.Embedding, codes, scales, offsets, scheme: QScheme) -> QuantEmbedding:
+    q = QuantEmbedding(embedding.num_embeddings, embedding.embedding_dim, scheme)
+    return q.set_codes(codes, scales, offsets)
+
+
+def packed_layout(model: nn.Module) -> dict[str, dict]:
+    """{module name: {kind, bits, group_size, symmetric}} of every packed module: what loading must rebuild."""
+    return {name: {"kind": "embedding" if isinstance(m, QuantEmbedding) else "linear", **dataclasses.asdict(m.scheme),
+                   "act_bits": getattr(m, "act_bits", 0)}
+            for name, m in model.named_modules() if isinstance(m, PackedWeight)}
+
+
+def restore_layout_(model: nn.Module, layout: dict[str, dict]) -> None:
+    """Put empty packed modules where `layout` says (before loading a state dict into them)."""
+    from ..modules import set_module
+
+    for name, spec in layout.items():
+        scheme = QScheme(spec["bits"], spec["group_size"], spec["symmetric"])
+        old = model.get_submodule(name)
+        if spec["kind"] == "embedding":
+            new = QuantEmbedding(old.num_embeddings, old.embedding_dim, scheme)
+        else:
+            new = QuantLinear(old.in_features, old.out_features, scheme, old.bias is not None, spec.get("act_bits", 0))
+        set_module(model, name, new)
