@@ -67,8 +67,8 @@ class InputStats:
         if not torch.isfinite(x).all():
             raise SlmError(f"non-finite calibration activation at the input of {where}")
         self.n += x.shape[0]
-        self.sq += (x.double() ** 2).sum(0)
-        self.abs += x.abs().double().sum(0)
+        self.sq += (x * x).sum(0, dtype=torch.float64)
+        self.abs += x.abs().sum(0, dtype=torch.float64)
         if self.keep_every:
             self.kept.append(x[::self.keep_every].clone())
         self.absmax = torch.maximum(self.absmax, x.abs().amax(0))

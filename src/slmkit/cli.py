@@ -45,7 +45,34 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--system", default=None, help="system message")
     _sampling_args(chat)
     _eval_parsers(sub)
+    _compress_parsers(sub)
     return parser
+
+
+def _calib_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--calib", default="wikitext2-valid", help="calibration text: a named source, file, folder or "
+                   "hub dataset (default wikitext2-valid, not the test text perplexity is measured on)")
+    p.add_argument("--calib-samples", type=int, default=128)
+    p.add_argument("--calib-length", type=int, default=512, help="tokens per calibration sample")
+    p.add_argument("-o", "--out", required=True, help="output slmkit checkpoint folder")
+    p.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    p.add_argument("--threads", type=int, default=None)
+
+
+def _compress_parsers(sub) -> None:
+    q = sub.add_parser("quantize", help="post-training quantization to packed low-bit weights")
+    q.add_argument("model", nargs="?", default=None, help="model to quantize (default: SmolLM2-135M-Instruct)")
+    q.add_argument("--method", choices=["rtn", "gptq", "awq", "smoothquant"], default="gptq")
+    q.add_argument("--bits", type=int, default=None, help="weight bits, 2..8 (default 4; smoothquant 8)")
+    q.add_argument("--group-size", type=int, default=None, help="columns per scale, 0 = per channel "
+                   "(default 32; smoothquant 0)")
+    q.add_argument("--asym", action="store_true", help="asymmetric (scale + offset) instead of symmetric")
+    q.add_argument("--imatrix", action="store_true", help="rtn: weigh the scale search by calibration activations")
+    q.add_argument("--no-act-order", action="store_true", help="gptq: columns in their natural order")
+    q.add_argument("--damp", type=float, default=None, help="gptq: Hessian damping (default 0.01)")
+    q.add_argument("--alpha", type=float, default=None, help="smoothquant: migration strength (default 0.5)")
+    q.add_argument("--kv-bits", type=int, choices=[4, 8], default=None, help="also store the KV cache in 8 or 4 bits")
+    _calib_args(q)
 
 
 def _eval_parsers(sub) -> None:
@@ -185,6 +212,23 @@ def cmd_bench(args) -> None:
     _finish_run(run, args.json, format_cost(run["cost"]))
 
 
+def cmd_quantize(args) -> None:
+    from .calib import CalibConfig
+    from .pipeline import compress, make_step
+    from .quant.scheme import QScheme
+
+    _set_threads(args)
+    default = QScheme(8, 0) if args.method == "smoothquant" else QScheme()
+    scheme = QScheme(args.bits if args.bits is not None else default.bits,
+                     args.group_size if args.group_size is not None else default.group_size, not args.asym)
+    calib = CalibConfig(args.calib, args.calib_samples, args.calib_length)
+    steps = [make_step(args.method, scheme=scheme.validate(), calib=calib, imatrix=args.imatrix or None, damp=args.damp,
+                       act_order=False if args.no_act_order else None, alpha=args.alpha)]
+    if args.kv_bits:
+        steps.append(make_step("kv_cache", scheme=QScheme(args.kv_bits, 0 if args.kv_bits == 8 else 32, False)))
+    print(compress(args.model, steps, args.out, args.force))
+
+
 def cmd_report(args) -> None:
     from .eval.report import build_report
 
@@ -193,7 +237,7 @@ def cmd_report(args) -> None:
 
 
 COMMANDS = {"info": cmd_info, "generate": cmd_generate, "chat": cmd_chat, "eval": cmd_eval, "bench": cmd_bench,
-            "report": cmd_report}
+            "report": cmd_report, "quantize": cmd_quantize}
 
 
 def main(argv: list[str] | None = None) -> int:

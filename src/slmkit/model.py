@@ -269,11 +269,13 @@ def cast_weights_(model: Decoder, dtype: torch.dtype) -> Decoder:
 
 
 def count_parameters(model: Decoder) -> dict[str, int]:
-    """Parameters split by embeddings (input + untied output), attention, MLP and norms."""
+    """Parameters split by embeddings (input + untied output), attention, MLP and norms. A packed (quantized)
+    matrix counts the entries of the matrix it stands for, so counts do not change with compression."""
     split = {"embedding": 0, "attention": 0, "mlp": 0, "norm": 0}
-    for name, p in model.named_parameters():
-        part = ("embedding" if name.startswith(("embed.", "lm_head.")) else "attention" if ".attn." in name
+    for name, module in model.named_modules():
+        own = sum(p.numel() for p in module.parameters(recurse=False)) + getattr(module, "weight_numel", 0)
+        part = ("embedding" if name.startswith(("embed", "lm_head")) else "attention" if ".attn." in name
                 else "mlp" if ".mlp." in name else "norm")
-        split[part] += p.numel()
+        split[part] += own
     split["total"] = sum(split.values())
     return split

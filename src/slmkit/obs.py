@@ -38,22 +38,21 @@ def inverse_cholesky_upper(H: torch.Tensor) -> torch.Tensor:
 
 
 def obs_sweep_(W: torch.Tensor, U: torch.Tensor, fix_column: Callable[[int, torch.Tensor], torch.Tensor],
-               on_block: Callable[[int, int, torch.Tensor], None] | None = None, block: int = 128) -> torch.Tensor:
+               on_block: Callable[[int, int, torch.Tensor], None] | None = None, block: int = 128) -> None:
     """Fix the columns of W [out, n] in order, each replaced by fix_column(j, current column [out]) -> [out],
-    propagating each column's error to the columns after it. on_block(i1, i2, W[:, i1:i2]) runs before each
-    block (SparseGPT chooses the block's mask there). Returns the fixed matrix; W is used as scratch."""
-    n = W.shape[1]
+    propagating each column's error to the columns after it. on_block(i1, i2, B) runs before each block with
+    B [i2 - i1, out] = the block's current columns as rows (SparseGPT chooses the block's mask there; GPTQ
+    reads a group's updated weights there). The work runs on W transposed, so every column is contiguous."""
+    Wt = W.T.contiguous()  # [n, out]: column j of W is row j
+    n = Wt.shape[0]
     for i1 in range(0, n, block):
         i2 = min(i1 + block, n)
-        W1, U1 = W[:, i1:i2].clone(), U[i1:i2, i1:i2]  # [out, b], [b, b]
-        err = torch.zeros_like(W1)  # [out, b]
+        B, U1 = Wt[i1:i2], U[i1:i2, i1:i2]  # [b, out] (a view), [b, b]
+        err = torch.empty_like(B)  # [b, out]
         if on_block is not None:
-            on_block(i1, i2, W1)
+            on_block(i1, i2, B)
         for i in range(i2 - i1):
-            w = W1[:, i]
-            fixed = fix_column(i1 + i, w)
-            err[:, i] = (w - fixed) / U1[i, i]
-            W1[:, i:] -= err[:, i:i + 1] * U1[i:i + 1, i:]  # column i becomes `fixed` exactly
-        W[:, i1:i2] = W1
-        W[:, i2:] -= err @ U[i1:i2, i2:]
-    return W
+            w = B[i]
+            err[i] = (w - fix_column(i1 + i, w)) / U1[i, i]
+            B[i + 1:].addr_(U1[i, i + 1:], err[i], alpha=-1)  # later columns absorb this column's error
+        Wt[i2:].addmm_(U[i1:i2, i2:].T, err, alpha=-1)  # and so do the columns after the block

@@ -41,6 +41,32 @@ def run_pipeline_(model, tokenizer, steps: list) -> None:
         apply_step_(model, cfg, calibration_tokens(tokenizer, cfg.calib) if cfg.needs_calibration else None)
 
 
+def make_step(method: str, **values):
+    """A step config by method name from already-typed field values (what a CLI collects); values left None
+    keep the config's defaults, and a value the method has no field for is refused."""
+    table = methods()
+    require(method in table, f"unknown method {method!r}; known: {', '.join(table)}")
+    names = {f.name for f in dataclasses.fields(table[method])}
+    given = {k: v for k, v in values.items() if v is not None}
+    extra = sorted(set(given) - names)
+    require(not extra, f"{method} has no option {', '.join(extra)}")
+    return table[method](**given)
+
+
+def compress(spec, steps: list, out, force: bool = False):
+    """Load MODEL, apply the steps in order, save an slmkit checkpoint at `out` (atomically; an existing `out`
+    is refused before any work unless force)."""
+    from pathlib import Path
+
+    from .checkpoint import save_checkpoint
+    from .loader import load
+
+    require(force or not Path(out).exists(), f"{out} exists; pass --force to replace it")
+    lm = load(spec)
+    run_pipeline_(lm.model, lm.tokenizer, steps)
+    return save_checkpoint(lm.model, lm.tokenizer, Path(out), force=force)
+
+
 def step_record(cfg) -> dict[str, Any]:
     """The config as plain JSON data (tuples become lists), exactly as slmkit.json will hold it."""
     return json.loads(json.dumps({"method": cfg.method, **dataclasses.asdict(cfg)}))

@@ -32,7 +32,7 @@ class GPTQConfig:
     act_order: bool = True
     static_groups: bool = False  # implied by act_order
     block_size: int = 128  # columns per lazy-update block
-    search: bool = True  # MSE clip search for each group's scale
+    search: bool = False  # MSE clip search for each group's scale (GPTQ's own error feedback does better)
     embedding: QScheme | None = Q8_TABLES
     layers: LayerFilter = field(default_factory=LayerFilter)
     calib: CalibConfig = field(default_factory=CalibConfig)
@@ -67,7 +67,7 @@ def gptq_linears_(root: nn.Module, names: list[str], H: torch.Tensor, cfg: GPTQC
 
 
 def gptq_quantize(W: torch.Tensor, H: torch.Tensor, scheme: QScheme, damp: float = 0.01, act_order: bool = True,
-                  static_groups: bool = False, block_size: int = 128, search: bool = True,
+                  static_groups: bool = False, block_size: int = 128, search: bool = False,
                   keep_zero: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """W [out, n], H [n, n] -> codes [out, n] uint8, scales and offsets [out, n / width].
 
@@ -80,20 +80,21 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, scheme: QScheme, damp: float
     params = _GroupParams(W, scheme, width, search, static)
     perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(n)
     U = inverse_cholesky_upper(H[perm][:, perm])
-    codes = torch.zeros(W.shape, dtype=torch.uint8)  # [out, n], original column order
-    zero_mask = None if keep_zero is None else keep_zero[:, perm]
+    zero_mask = None if keep_zero is None else keep_zero[:, perm].T.contiguous()  # [n, out], swept order
+
+    codes_t = torch.zeros(W.shape[1], W.shape[0], dtype=torch.uint8)  # [n, out]: codes of column j in row j
 
     def fix(j: int, w: torch.Tensor) -> torch.Tensor:
         col = int(perm[j])
-        scale, offset = params.at(col, j)
-        q = quantize(w[:, None], scale, offset, scheme)[:, 0]  # [out]
+        scale, offset = params.at(col, j)  # [out] each
+        q = quantize(w, scale, offset, scheme)  # [out]
         if zero_mask is not None:
-            q = torch.where(zero_mask[:, j], torch.full_like(q, scheme.mid), q)
-        codes[:, col] = q
-        return dequantize(q[:, None], scale, offset, scheme)[:, 0]
+            q.masked_fill_(zero_mask[j], scheme.mid)
+        codes_t[col] = q
+        return dequantize(q, scale, offset, scheme)
 
-    obs_sweep_(W[:, perm].contiguous(), U, fix, params.watch, block_size)
-    return codes, params.scales, params.offsets
+    obs_sweep_(W[:, perm], U, fix, params.watch, block_size)
+    return codes_t.T.contiguous(), params.scales, params.offsets
 
 
 class _GroupParams:
@@ -119,13 +120,12 @@ class _GroupParams:
         self.block, self.block_start = W1, i1
 
     def at(self, col: int, j: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Parameters [out, 1] for original column `col` (swept as column j)."""
+        """Parameters [out] for original column `col` (swept as column j)."""
         g = col // self.width
         if not self.static and col % self.width == 0:
             local = j - self.block_start
-            scale, offset = self._choose(self.block[:, local:local + self.width][:, None])  # [out, 1, 1]
+            scale, offset = self._choose(self.block[local:local + self.width].T[:, None])  # [out, 1, 1]
             self.scales[:, g] = scale[:, 0, 0]
             if offset is not None:
                 self.offsets[:, g] = offset[:, 0, 0]
-        offset = None if self.offsets is None else self.offsets[:, g:g + 1]
-        return self.scales[:, g:g + 1], offset
+        return self.scales[:, g], None if self.offsets is None else self.offsets[:, g]
