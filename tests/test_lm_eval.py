@@ -1,5 +1,6 @@
 """lm-evaluation-harness adapter: request semantics against direct computation with the model, batch-size
-independence, tasks defined on local files (tests/data/lm_eval) through simple_evaluate and the command line."""
+independence, tasks defined on local files (tests/data/lm_eval) through simple_evaluate and lm-eval's own
+`lm_eval` command (resolved by the start-up hook), and that the hook costs interpreter start-up nothing heavy."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import math
 import os
 import subprocess
 import sys
+import sysconfig
 from pathlib import Path
 
 import pytest
@@ -230,6 +232,24 @@ def test_entry_point_resolves_through_lm_eval_registry():
 
 
 # ---- tasks on local files ----------------------------------------------------------------------
+def expected_mc_acc(lm: SlmkitLM) -> float:
+    """slmkit_tiny_mc's accuracy from our own loglikelihoods: the highest-scoring choice is the answer."""
+    docs = [json.loads(line) for line in (TASKS / "tiny_mc.jsonl").read_text().splitlines()]
+    hits = 0
+    for doc in docs:
+        context = f"Question: {doc['question']}\nAnswer:"
+        scores = lm.loglikelihood(requests("loglikelihood", *[(context, f" {c}") for c in doc["choices"]]))
+        hits += max(range(len(scores)), key=lambda i: scores[i][0]) == doc["answer"]
+    return hits / len(docs)
+
+
+def expected_bits_per_byte(lm: SlmkitLM) -> float:
+    """slmkit_tiny_ppl's bits per byte from our own rolling loglikelihoods."""
+    texts = [json.loads(line)["text"] for line in (TASKS / "tiny_text.jsonl").read_text().splitlines()]
+    total = sum(lm.loglikelihood_rolling(requests("loglikelihood_rolling", *[(t,) for t in texts])))
+    return -total / sum(len(t.encode()) for t in texts) / math.log(2)
+
+
 def test_simple_evaluate_local_tasks(checkpoint, lm32, datasets_cache):
     manager = TaskManager(include_path=str(TASKS), include_defaults=False)
     out = lm_eval.simple_evaluate(model="slmkit", model_args=f"pretrained={checkpoint},batch_size=4",
@@ -237,42 +257,45 @@ def test_simple_evaluate_local_tasks(checkpoint, lm32, datasets_cache):
                                   task_manager=manager, bootstrap_iters=0)
     results = out["results"]
     assert out["config"]["model_kind"] == "slmkit"
-    # accuracy is what our own loglikelihoods say: the highest-scoring choice is the answer
-    docs = [json.loads(line) for line in (TASKS / "tiny_mc.jsonl").read_text().splitlines()]
-    hits = 0
-    for doc in docs:
-        context = f"Question: {doc['question']}\nAnswer:"
-        scores = lm32.loglikelihood(requests("loglikelihood", *[(context, f" {c}") for c in doc["choices"]]))
-        hits += max(range(len(scores)), key=lambda i: scores[i][0]) == doc["answer"]
-    assert results["slmkit_tiny_mc"]["acc,none"] == pytest.approx(hits / len(docs))
+    assert results["slmkit_tiny_mc"]["acc,none"] == pytest.approx(expected_mc_acc(lm32))
     ppl = results["slmkit_tiny_ppl"]
     assert math.isfinite(ppl["bits_per_byte,none"]) and ppl["bits_per_byte,none"] > 0
-    texts = [json.loads(line)["text"] for line in (TASKS / "tiny_text.jsonl").read_text().splitlines()]
-    total = sum(lm32.loglikelihood_rolling(requests("loglikelihood_rolling", *[(t,) for t in texts])))
-    n_bytes = sum(len(t.encode()) for t in texts)
-    assert ppl["bits_per_byte,none"] == pytest.approx(-total / n_bytes / math.log(2), rel=1e-9)
+    assert ppl["bits_per_byte,none"] == pytest.approx(expected_bits_per_byte(lm32), rel=1e-9)
     assert 0.0 <= results["slmkit_tiny_gen"]["exact_match,none"] <= 1.0
 
 
-def lm_eval_discovers_plugins() -> bool:
-    """Whether the installed lm-eval finds `slmkit` by its entry point alone (lm-eval after 0.4.13)."""
-    probe = "from lm_eval.api.registry import get_model; get_model('slmkit')"
-    return subprocess.run([sys.executable, "-c", probe], capture_output=True).returncode == 0
+# ---- the lm_eval command and the start-up hook behind it ---------------------------------------------
+HOOK_PTH = Path(sysconfig.get_paths()["purelib"]) / "slmkit_lm_eval_hook.pth"
 
 
-def test_command_line(checkpoint, tmp_path):
-    """`lm_eval --model slmkit ...` where lm-eval discovers plugins; otherwise its documented equivalent
-    `python -m slmkit.eval.lm_eval_adapter ...`, which is lm-eval's own command line with slmkit registered."""
-    lm_eval_script = Path(sys.executable).with_name("lm_eval")
-    command = [str(lm_eval_script)] if lm_eval_discovers_plugins() else [sys.executable, "-m",
-                                                                        "slmkit.eval.lm_eval_adapter"]
+def test_lm_eval_console_script(checkpoint, lm32, tmp_path):
+    """The literal `lm_eval --model slmkit ...`: lm-eval's own console script, which imports nothing of ours;
+    the start-up hook (src/_slmkit_lm_eval_hook.py, installed by setup.py) resolves the name. Same numbers as
+    simple_evaluate, and lm-eval's own models stay available."""
+    assert HOOK_PTH.is_file(), f"{HOOK_PTH} missing: reinstall slmkit (pip install -e .)"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
            "HF_DATASETS_CACHE": str(tmp_path / "datasets"), "TOKENIZERS_PARALLELISM": "false"}
-    args = ["--model", "slmkit", "--model_args", f"pretrained={checkpoint}", "--tasks", "slmkit_tiny_mc",
-            "--include_path", str(TASKS), "--limit", "5", "--device", "cpu", "--output_path", str(tmp_path / "out")]
-    run = subprocess.run(command + args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    args = ["--model", "slmkit", "--model_args", f"pretrained={checkpoint}", "--batch_size", "4",
+            "--tasks", "slmkit_tiny_mc,slmkit_tiny_ppl", "--include_path", str(TASKS), "--device", "cpu",
+            "--output_path", str(tmp_path / "out")]
+    run = subprocess.run([str(Path(sys.executable).with_name("lm_eval")), *args], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     assert "slmkit_tiny_mc" in run.stdout and "acc" in run.stdout
     [saved] = (tmp_path / "out").rglob("results_*.json")
-    result = json.loads(saved.read_text())["results"]["slmkit_tiny_mc"]
-    assert 0.0 <= result["acc,none"] <= 1.0 and result["sample_len"] == 5
+    out = json.loads(saved.read_text())
+    assert out["config"]["model"] == "slmkit"
+    results = out["results"]
+    assert results["slmkit_tiny_mc"]["acc,none"] == pytest.approx(expected_mc_acc(lm32))
+    assert results["slmkit_tiny_ppl"]["bits_per_byte,none"] == pytest.approx(expected_bits_per_byte(lm32),
+                                                                             rel=1e-9)
+
+
+def test_start_up_hook_imports_nothing_heavy():
+    """The hook's .pth line runs in every interpreter of the environment: it only installs its finder."""
+    assert HOOK_PTH.read_text().strip() == "import _slmkit_lm_eval_hook"
+    probe = ("import sys; print(sorted(m for m in ('slmkit', 'torch', 'lm_eval', 'numpy') if m in sys.modules), "
+             "'_slmkit_lm_eval_hook' in sys.modules)")
+    run = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0 and "_slmkit_lm_eval_hook" not in run.stderr, run.stderr
+    assert run.stdout.split() == ["[]", "True"]

@@ -1,7 +1,7 @@
 """lm-evaluation-harness adapter: every model slmkit loads, as the lm-eval model `slmkit`.
 
     lm_eval --model slmkit --model_args pretrained=PATH,dtype=bfloat16 --tasks hellaswag   # see Registration
-    python -m slmkit.eval.lm_eval_adapter --model slmkit --model_args pretrained=PATH --tasks hellaswag
+    python -m slmkit.eval.lm_eval_adapter --model slmkit --model_args pretrained=PATH --tasks hellaswag  # the same
 
 model_args: pretrained (a path, known name or hub id as `slm` takes them; default SmolLM2-135M-Instruct),
 dtype (float32 | bfloat16), batch_size, max_length (tokens of context one prediction sees; at most and by
@@ -19,17 +19,20 @@ lm-eval seeds), stops at the tokenizer's stop tokens and cuts the text at the fi
 Registration. lm-eval resolves `--model NAME` with `lm_eval.api.registry.get_model(NAME)`, a registry filled
 from lm-eval's own table of models (lm_eval/models/__init__.py) and by `@register_model` in modules that were
 imported. lm-eval up to 0.4.13 (the newest release at the time of writing) has no plugin discovery: its CLI
-never imports third-party code, and its registry can hold entry-point placeholders but nothing reads them
-from installed packages. Upstream lm-eval has since added discovery of the `lm_eval.models` entry-point group
-(its docs/plugins.md; not in 0.4.13), so slmkit declares `slmkit = "slmkit.eval.lm_eval_adapter:SlmkitLM"` in that group
-(pyproject.toml): with such an lm-eval, `lm_eval --model slmkit ...` works once slmkit is installed, and this
-module is imported only when that model is asked for. With an lm-eval without discovery,
+never imports third-party code, and nothing reads the entry points of installed packages. So slmkit installs
+a start-up hook: `slmkit_lm_eval_hook.pth` in site-packages (written by setup.py, for regular and editable
+installs) imports the top-level module `_slmkit_lm_eval_hook`, which imports nothing heavy and, once
+`lm_eval.api.registry` is imported, wraps its `get_model` so that asking for `slmkit` imports this module first
+(its docstring has the details). That makes the bare `lm_eval --model slmkit ...` work in any environment where
+slmkit is installed. slmkit also declares `slmkit = "slmkit.eval.lm_eval_adapter:SlmkitLM"` in the
+`lm_eval.models` entry-point group (pyproject.toml), which lm-eval's development tree documents for plugin
+discovery (its docs/plugins.md) but no release reads yet. Without the hook (e.g. `python -S`),
 `python -m slmkit.eval.lm_eval_adapter ARGS` is the exact equivalent of `lm_eval ARGS`: it registers the model
 and hands over to lm-eval's own command line. From Python, importing this module registers it:
-`import slmkit.eval.lm_eval_adapter; lm_eval.simple_evaluate(model="slmkit", ...)`.
-Rejected: a .pth start-up hook (it would run in every Python process of the environment, and setuptools
-cannot install one from pyproject metadata without a custom build step) and a console script of our own
-named `lm_eval` (it would overwrite lm-eval's).
+`import slmkit.eval.lm_eval_adapter; lm_eval.simple_evaluate(model="slmkit", ...)` (with the hook installed,
+`simple_evaluate(model="slmkit")` works without the import too).
+Rejected: a console script of our own named `lm_eval` (it would overwrite lm-eval's), and a hook module inside
+the slmkit package (importing it would import slmkit, and torch with it, in every Python process).
 """
 
 from __future__ import annotations
