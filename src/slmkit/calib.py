@@ -111,10 +111,12 @@ def _adder(stats: InputStats, where: str) -> Callable:
     return lambda module, args: stats.add(args[0], where)
 
 
-def layerwise(model: nn.Module, tokens: torch.Tensor, description: str,
-              chunk: int = 8) -> Iterator[tuple[int, nn.Module, Callable[[], torch.Tensor]]]:
+def layerwise(model: nn.Module, tokens: torch.Tensor, description: str, chunk: int = 8,
+              sequential: bool = True) -> Iterator[tuple[int, nn.Module, Callable[[], torch.Tensor]]]:
     """Yield (index, block, run) for each block; run() runs the block over its calibration inputs and returns
-    the outputs [N, T, C]. After the caller's step the block runs once more to make the next block's inputs."""
+    the outputs [N, T, C]. After the caller's step the block runs once more, now changed, to make the next
+    block's inputs (sequential: later blocks see earlier blocks' quantization errors); with sequential=False
+    the outputs of the caller's last run() are reused instead, saving one forward pass per block."""
     check_unshared(model)
     with torch.inference_mode():
         x = model.embed(tokens).to(model.compute_dtype)  # [N, T, C]
@@ -122,12 +124,13 @@ def layerwise(model: nn.Module, tokens: torch.Tensor, description: str,
             x = x * model.cfg.embed_scale
     for i in progress(range(len(model.blocks)), description):
         block = model.blocks[i]
-        run = _block_runner(model, block, i, x, chunk)
+        outputs: list[torch.Tensor] = []
+        run = _block_runner(model, block, i, x, chunk, outputs)
         yield i, block, run
-        x = run()
+        x = run() if sequential or not outputs else outputs[-1]
 
 
-def _block_runner(model, block, index: int, x: torch.Tensor, chunk: int) -> Callable[[], torch.Tensor]:
+def _block_runner(model, block, index: int, x: torch.Tensor, chunk: int, outputs: list) -> Callable[[], torch.Tensor]:
     T = x.shape[1]
     rope = (model.rope_local if block.sliding else model.rope)[:, :T]  # [2, T, D]
     from .model import attention_mask
@@ -136,5 +139,10 @@ def _block_runner(model, block, index: int, x: torch.Tensor, chunk: int) -> Call
 
     @torch.inference_mode()
     def run() -> torch.Tensor:
-        return torch.cat([block(x[s:s + chunk], rope, mask, None, index, 0) for s in range(0, len(x), chunk)])
+        outputs.clear()  # the previous run's outputs are freed before new ones are allocated
+        y = torch.empty_like(x)  # [N, T, C]
+        for s in range(0, len(x), chunk):
+            y[s:s + chunk] = block(x[s:s + chunk], rope, mask, None, index, 0)
+        outputs.append(y)
+        return y
     return run
