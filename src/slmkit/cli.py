@@ -9,6 +9,7 @@ import time
 
 import torch
 
+from .backends import BACKENDS
 from .errors import SlmError
 from .loader import DTYPES
 
@@ -19,6 +20,11 @@ def _model_args(p: argparse.ArgumentParser, dtype: str = "float32") -> None:
                         "default: SmolLM2-135M-Instruct")
     p.add_argument("--dtype", choices=DTYPES, default=dtype, help=f"weight dtype in memory (default {dtype})")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's choice)")
+
+
+def _backend_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--backend", choices=BACKENDS, default="torch", help="engine: torch (slmkit's own, default) or "
+                   "llamacpp (a GGUF file as stored, through llama-cpp-python; --dtype does not apply)")
 
 
 def _sampling_args(p: argparse.ArgumentParser) -> None:
@@ -37,11 +43,13 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--json", action="store_true", help="print one JSON object")
     gen = sub.add_parser("generate", help="generate text from a prompt (text on stdout, timings on stderr)")
     _model_args(gen, dtype="bfloat16")
+    _backend_arg(gen)
     gen.add_argument("--prompt", required=True)
     gen.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     _sampling_args(gen)
     chat = sub.add_parser("chat", help="interactive chat on the terminal (/exit or Ctrl-D to leave)")
     _model_args(chat, dtype="bfloat16")
+    _backend_arg(chat)
     chat.add_argument("--system", default=None, help="system message")
     _sampling_args(chat)
     _eval_parsers(sub)
@@ -78,6 +86,7 @@ def _compress_parsers(sub) -> None:
 def _eval_parsers(sub) -> None:
     ev = sub.add_parser("eval", help="perplexity, multiple-choice accuracy, fidelity against a reference")
     _model_args(ev)
+    _backend_arg(ev)
     ev.add_argument("--tasks", default="wikitext2", help="comma-separated: wikitext2, arc_easy, a text file or "
                     "folder (perplexity), a .jsonl of questions (multiple choice)")
     ev.add_argument("--limit", type=int, default=None, help="questions per task / windows per text")
@@ -92,6 +101,7 @@ def _eval_parsers(sub) -> None:
     ev.add_argument("--json", default=None, help="write the run here (and a Markdown twin)")
     bench = sub.add_parser("bench", help="time to first token, prefill and decode speed, memory, energy")
     _model_args(bench)
+    _backend_arg(bench)
     bench.add_argument("--prompt-tokens", type=int, default=128)
     bench.add_argument("--new-tokens", type=int, default=64)
     bench.add_argument("--runs", type=int, default=5)
@@ -107,10 +117,10 @@ def _set_threads(args) -> None:
 
 
 def _load(args):
-    from .loader import load
+    from .backends import load
 
     _set_threads(args)
-    return load(args.model, dtype=DTYPES[args.dtype])
+    return load(args.model, DTYPES[args.dtype], getattr(args, "backend", "torch"))
 
 
 def cmd_info(args) -> None:
@@ -198,7 +208,7 @@ def cmd_eval(args) -> None:
     protocol = PerplexityProtocol(args.window, args.stride, args.max_windows, args.add_bos)
     cfg = EvalConfig([t for t in args.tasks.split(",") if t], args.limit, protocol, args.batch_size,
                      args.reference, Path(args.reference_cache) if args.reference_cache else None)
-    run = run_eval(args.model, cfg, DTYPES[args.dtype], sys.argv)
+    run = run_eval(args.model, cfg, DTYPES[args.dtype], sys.argv, args.backend)
     _finish_run(run, args.json, to_markdown(run))
 
 
@@ -208,7 +218,7 @@ def cmd_bench(args) -> None:
 
     _set_threads(args)
     cfg = CostConfig(prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens, runs=args.runs)
-    run = run_bench(args.model, cfg, DTYPES[args.dtype], sys.argv)
+    run = run_bench(args.model, cfg, DTYPES[args.dtype], sys.argv, args.backend)
     _finish_run(run, args.json, format_cost(run["cost"]))
 
 

@@ -11,9 +11,10 @@ Beside the measured figures, analytic floors from the machine's measured rates (
     prefill floor (ms)      = prefill FLOPs / matmul throughput
 
 Bytes per token: every linear weight including the output head, in its stored dtype, each counted once (the
-input embedding is a one-row lookup; norms, biases and the KV cache are left out). Prefill FLOPs: 2 per
-weight of every executed linear layer per prompt token, the output head once (only the last position is
-projected), plus 4 * heads * head_dim per attended (query, key) pair.
+input embedding is a one-row lookup; norms, biases and the KV cache are left out; a GGUF file on llama.cpp counts
+its matrices as stored in the file). Prefill FLOPs: 2 per weight of every executed linear layer per prompt token,
+the output head once (only the last position is projected), plus 4 * heads * head_dim per attended (query, key)
+pair.
 """
 
 from __future__ import annotations
@@ -153,9 +154,11 @@ def prefill_flops(model: Decoder, tokens: int) -> int:
     return flops
 
 
-def floor(model: Decoder, prompt_tokens: int, speed: dict) -> dict:
-    """The decode and prefill floors (and the decode ceiling) that the machine's measured rates allow."""
-    nbytes, flops = decode_bytes_per_token(model), prefill_flops(model, prompt_tokens)
+def floor(model: Decoder, prompt_tokens: int, speed: dict, bytes_per_token: int | None = None) -> dict:
+    """The decode and prefill floors (and the decode ceiling) that the machine's measured rates allow.
+    bytes_per_token: the weight bytes a decoded token reads; None: decode_bytes_per_token(model)."""
+    nbytes = decode_bytes_per_token(model) if bytes_per_token is None else bytes_per_token
+    flops = prefill_flops(model, prompt_tokens)
     decode_ms = nbytes / (speed["read_bandwidth_gbs"] * 1e9) * 1e3
     return {"bytes_per_token": nbytes, "read_bandwidth_gbs": speed["read_bandwidth_gbs"],
             "decode_floor_ms_per_token": decode_ms, "decode_ceiling_tokens_per_s": 1e3 / decode_ms,
@@ -232,6 +235,15 @@ def energy_per_token(runs: list[dict], new_tokens: int) -> float | None:
     return statistics.median(run["decode_energy_j"] / (new_tokens - 1) for run in runs)
 
 
+def engine_figures(model) -> tuple[Decoder, dict[str, int], int, int]:
+    """(architecture, weight bytes in memory by dtype, weight bytes read per decoded token, threads): measured on
+    a torch Decoder; another engine's model (slmkit.backends) reports its own, with a meta-device Decoder of its
+    architecture for the FLOP count."""
+    if isinstance(model, Decoder):
+        return model, weight_bytes(model), decode_bytes_per_token(model), torch.get_num_threads()
+    return model.layout, model.weight_bytes(), model.decode_bytes_per_token(), model.threads
+
+
 def measure_cost(lm: LoadedModel, cfg: CostConfig, prompt_ids: list[int] | None = None) -> dict:
     """Measure what `lm` costs on this machine (see the module docstring); a flat dict of figures.
 
@@ -242,14 +254,14 @@ def measure_cost(lm: LoadedModel, cfg: CostConfig, prompt_ids: list[int] | None 
     speed = machine_speed()
     meter, energy_source = find_meter(model.device)
     runs = run_all(model, prompt, cfg, meter)
-    by_dtype = weight_bytes(model)
+    layout, by_dtype, bytes_per_token, threads = engine_figures(model)
     decode = median_of(runs, "decode_tokens_per_s")
     result = {"ttft_ms": median_of(runs, "ttft_ms"), "prefill_tokens_per_s": median_of(runs, "prefill_tokens_per_s"),
               "decode_tokens_per_s": decode, "decode_ms_per_token": 1e3 / decode, "runs": runs,
               "peak_rss_mb": peak_rss_mb(), "weight_bytes": sum(by_dtype.values()), "weight_bytes_by_dtype": by_dtype,
               "file_bytes": lm.file_bytes, "energy_j_per_token": energy_per_token(runs, cfg.new_tokens),
-              "energy_source": energy_source, "floor": floor(model, cfg.prompt_tokens, speed),
-              "config": dataclasses.asdict(cfg), "threads": torch.get_num_threads(),
+              "energy_source": energy_source, "floor": floor(layout, cfg.prompt_tokens, speed, bytes_per_token),
+              "config": dataclasses.asdict(cfg), "threads": threads,
               "notes": cost_notes(cfg, prompt_ids is None, energy_source, speed)}
     result["notes"] += floor_violations(result)
     return result

@@ -214,7 +214,9 @@ def _model_label(model: dict) -> str:
 
 
 def _model_key(model: dict) -> str:
-    return json.dumps([model.get(k) for k in ("label", "name", "source", "format", "dtype")], default=str)
+    """Runs of one model on one engine share a key (runs recorded before "backend" existed ran on torch)."""
+    keys = [model.get(k) for k in ("label", "name", "source", "format", "dtype")]
+    return json.dumps(keys + [model.get("backend") or "torch"], default=str)
 
 
 def _merge_by_model(runs: list[dict]) -> list[dict]:
@@ -235,14 +237,14 @@ def _merge_by_model(runs: list[dict]) -> list[dict]:
 
 
 def _labels(models: list[dict]) -> list[str]:
-    """Model labels, with format and dtype added where two different models would share one."""
+    """Model labels, with format, dtype and backend added where two different models would share one."""
     base = [_model_label(m) for m in models]
     keys_by_label: dict[str, set] = {}
     for label, model in zip(base, models):
         keys_by_label.setdefault(label, set()).add(_model_key(model))
     out = []
     for label, model in zip(base, models):
-        extra = [str(model[k]) for k in ("format", "dtype") if model.get(k)]
+        extra = [str(model[k]) for k in ("format", "dtype", "backend") if model.get(k)]
         out.append(f"{label} ({', '.join(extra)})" if len(keys_by_label[label]) > 1 and extra else label)
     return out
 

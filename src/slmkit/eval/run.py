@@ -7,8 +7,8 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .. import backends
 from ..errors import require
-from ..info import model_info
 from ..loader import LoadedModel, load
 from .data import NAMED_FILES, Text, read_text, resolve_source
 from .fidelity import fidelity
@@ -105,14 +105,16 @@ def evaluate(lm: LoadedModel, tasks: list[Task], cfg: EvalConfig) -> dict[str, d
 
 
 def model_record(lm: LoadedModel, dtype: str) -> dict:
-    info = model_info(lm)
-    keys = ("source", "format", "architecture", "params", "weight_bytes", "file_bytes")
-    return {**{k: info[k] for k in keys}, "dtype": dtype, "name": Path(lm.source).name}
+    """The run's model section; "backend" tells engines apart, and a non-torch engine names its own weight type."""
+    info = backends.model_info(lm)
+    keys = ("source", "format", "architecture", "params", "weight_bytes", "file_bytes", "backend")
+    return {**{k: info[k] for k in keys}, "dtype": info.get("dtype", dtype), "name": Path(lm.source).name}
 
 
-def run_eval(model: str | None, cfg: EvalConfig, dtype, command: list[str]) -> dict:
+def run_eval(model: str | None, cfg: EvalConfig, dtype, command: list[str], backend: str = "torch") -> dict:
+    """One `eval` run of MODEL on `backend` (see slmkit.backends); the reference model runs on torch."""
     tasks = read_tasks(cfg.validate())
-    lm = load(model, dtype=dtype)
+    lm = backends.load(model, dtype, backend)
     run = run_envelope("eval", model_record(lm, str(dtype).removeprefix("torch.")), command)
     run["results"] = evaluate(lm, tasks, cfg)
     if cfg.reference:
@@ -123,12 +125,12 @@ def run_eval(model: str | None, cfg: EvalConfig, dtype, command: list[str]) -> d
     return run
 
 
-def run_bench(model: str | None, cfg, dtype, command: list[str]) -> dict:
-    """One `bench` run: the cost section (cost.CostConfig) of a model, with its analytic floors."""
+def run_bench(model: str | None, cfg, dtype, command: list[str], backend: str = "torch") -> dict:
+    """One `bench` run: the cost section (cost.CostConfig) of a model on `backend`, with its analytic floors."""
     from .cost import measure_cost
 
     cfg.validate()
-    lm = load(model, dtype=dtype)
+    lm = backends.load(model, dtype, backend)
     run = run_envelope("bench", model_record(lm, str(dtype).removeprefix("torch.")), command)
     run["cost"] = measure_cost(lm, cfg)
     return run
