@@ -108,7 +108,9 @@ def model_record(lm: LoadedModel, dtype: str) -> dict:
     """The run's model section; "backend" tells engines apart, and a non-torch engine names its own weight type."""
     info = backends.model_info(lm)
     keys = ("source", "format", "architecture", "params", "weight_bytes", "file_bytes", "backend")
-    return {**{k: info[k] for k in keys}, "dtype": info.get("dtype", dtype), "name": Path(lm.source).name}
+    record = {**{k: info[k] for k in keys}, "dtype": info.get("dtype", dtype), "name": Path(lm.source).name}
+    steps = getattr(lm.model, "compression", None)  # a torch Decoder's applied steps (slmkit.pipeline)
+    return {**record, "compression": steps} if steps else record
 
 
 def run_eval(model: str | None, cfg: EvalConfig, dtype, command: list[str], backend: str = "torch") -> dict:
