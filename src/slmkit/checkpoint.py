@@ -26,17 +26,24 @@ def _contiguous_state(model) -> dict[str, torch.Tensor]:
     return {k: v.detach().contiguous() for k, v in model.state_dict().items()}
 
 
-def save_checkpoint(model, tokenizer, out: Path, force: bool = False) -> Path:
+def save_checkpoint(model, tokenizer, out: Path, force: bool = False, sparse_storage: bool = False) -> Path:
     """Our format: slmkit.json (config, format version, compression steps, packed-module layout, KV-cache
-    scheme) + model.safetensors (packed weights stay packed) + tokenizer."""
+    scheme) + model.safetensors (packed weights stay packed) + tokenizer. sparse_storage: float linear weights
+    with enough zeros are stored as bitmask + nonzero values (slmkit.prune.storage; listed under "sparse")."""
     from .quant.packed import packed_layout
 
+    state, sparse = _contiguous_state(model), {}
+    if sparse_storage:
+        from .prune.storage import compress_state
+
+        state, sparse = compress_state(state, [f"{n}.weight" for n, m in model.named_modules()
+                                               if isinstance(m, torch.nn.Linear)])
     with atomic_output(out, force) as tmp:
-        save_file(_contiguous_state(model), str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         tokenizer.save(tmp)
         kv = None if model.kv_scheme is None else dataclasses.asdict(model.kv_scheme)
         meta = {"format": CHECKPOINT_FORMAT, "config": model.cfg.to_dict(), "compression": model.compression,
-                "packed": packed_layout(model), "kv_cache": kv}
+                "packed": packed_layout(model), "kv_cache": kv, "sparse": sparse}
         (tmp / CHECKPOINT_MARKER).write_text(json.dumps(meta, indent=2))
     return Path(out)
 

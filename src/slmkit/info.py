@@ -6,6 +6,7 @@ from collections import Counter
 
 from .loader import LoadedModel
 from .model import Decoder, count_parameters
+from .modules import is_matrix
 
 INFO_SCHEMA = 1
 
@@ -16,6 +17,23 @@ def weight_bytes(model: Decoder) -> dict[str, int]:
     for t in list(model.parameters()) + [b for n, b in model.named_buffers() if n in model.state_dict()]:
         by_dtype[str(t.dtype).removeprefix("torch.")] += t.numel() * t.element_size()
     return dict(by_dtype)
+
+
+def zero_fractions(model: Decoder) -> tuple[float, dict[str, float]]:
+    """(overall, by layer kind) fraction of exactly-zero weights in the linear layers: float weights equal to
+    0, and packed codes that dequantize to 0. A kind is the layer's own name (q_proj, down_proj, lm_head)."""
+    from .quant.packed import PackedWeight
+
+    zeros: Counter = Counter()
+    total: Counter = Counter()
+    for name, module in model.named_modules():
+        if is_matrix(module):
+            w = module.dequantize() if isinstance(module, PackedWeight) else module.weight
+            kind = name.rpartition(".")[2]
+            zeros[kind] += int((w == 0).sum())
+            total[kind] += w.numel()
+    overall = sum(zeros.values()) / max(sum(total.values()), 1)
+    return overall, {kind: zeros[kind] / total[kind] for kind in total}
 
 
 def describe(model: Decoder) -> str:
@@ -38,10 +56,12 @@ def model_info(lm: LoadedModel) -> dict:
     cfg = lm.model.cfg
     counts = count_parameters(lm.model)
     by_dtype = weight_bytes(lm.model)
+    sparsity, by_layer = zero_fractions(lm.model)
     return {"schema": INFO_SCHEMA, "source": lm.source, "format": lm.kind, "architecture": cfg.family,
             "description": describe(lm.model), "params": counts["total"], "params_embedding": counts["embedding"],
             "params_attention": counts["attention"], "params_mlp": counts["mlp"], "params_norm": counts["norm"],
             "weight_bytes": sum(by_dtype.values()), "weight_bytes_by_dtype": by_dtype, "file_bytes": lm.file_bytes,
+            "sparsity": sparsity, "sparsity_by_layer": by_layer,
             "context_length": cfg.max_seq_len, "vocab_size": cfg.vocab_size, "config": cfg.to_dict()}
 
 
@@ -56,4 +76,16 @@ def format_info(info: dict) -> str:
              "weights      " + ", ".join(f"{d} {b / mb:.1f} MB" for d, b in info["weight_bytes_by_dtype"].items())
              + f" in memory; {info['file_bytes'] / mb:.1f} MB on disk",
              f"context      {info['context_length']} tokens, vocabulary {info['vocab_size']}"]
-    return "\n".join(lines)
+    return "\n".join(lines + sparsity_lines(info))
+
+
+def sparsity_lines(info: dict) -> list[str]:
+    """The zero weights, and plainly what they do not buy on CPU."""
+    line = f"sparsity     {100 * info['sparsity']:.1f}% of linear-layer weights are exactly zero"
+    if not info["sparsity"]:
+        return [line]
+    kinds = ", ".join(f"{kind} {100 * share:.1f}%" for kind, share in info["sparsity_by_layer"].items())
+    return [f"{line} ({kinds})",
+            "             on CPU these zeros (unstructured or N:M) save no time and no memory: matrices and kernels",
+            "             are dense; only a checkpoint saved with sparse storage (slm prune --sparse-storage) is smaller "
+            "on disk"]

@@ -127,6 +127,10 @@ def _load_checkpoint(folder: Path) -> LoadedModel:
             f"is not {CHECKPOINT_FORMAT}")
     cfg = ModelConfig.from_dict(meta["config"])
     tensors, size = _read_weights(folder)
+    if meta.get("sparse"):
+        from .prune.storage import expand_state_
+
+        expand_state_(tensors, meta["sparse"])
     model = build(cfg, tensors, str(folder), meta.get("packed"))
     model.compression = list(meta.get("compression", []))
     if meta.get("kv_cache"):
