@@ -81,6 +81,31 @@ def _compress_parsers(sub) -> None:
     q.add_argument("--alpha", type=float, default=None, help="smoothquant: migration strength (default 0.5)")
     q.add_argument("--kv-bits", type=int, choices=[4, 8], default=None, help="also store the KV cache in 8 or 4 bits")
     _calib_args(q)
+    _prune_parser(sub)
+
+
+def _prune_parser(sub) -> None:
+    p = sub.add_parser("prune", help="set weights to zero: unstructured or N:M sparsity")
+    p.add_argument("model", nargs="?", default=None, help="model to prune (default: SmolLM2-135M-Instruct)")
+    p.add_argument("--method", choices=["magnitude", "wanda", "sparsegpt"], default=None,
+                   help="unstructured / N:M criterion (default wanda)")
+    p.add_argument("--sparsity", type=float, default=None, help="fraction of each row's weights set to zero "
+                   "(default 0.5)")
+    p.add_argument("--pattern", default=None, help="N:M sparsity instead, e.g. 2:4 (keep 2 of every 4 columns)")
+    p.add_argument("--per-layer", action="store_true", help="compare weights across the whole layer, not per row")
+    p.add_argument("--damp", type=float, default=None, help="sparsegpt: Hessian damping (default 0.01)")
+    p.add_argument("--sparse-storage", action="store_true", help="store the zeros compressed (bitmask + values): "
+                   "a smaller file, the same model in memory")
+    p.add_argument("--structured", choices=["heads", "mlp", "hidden", "layers", "auto"], default=None,
+                   help="structured instead: remove attention heads, MLP channels, hidden channels or whole layers "
+                   "(auto: MLP, then heads, then layers), giving a smaller dense model")
+    p.add_argument("--ratio", type=float, default=None, help="structured: share of the parameters to remove, in "
+                   "(0, 1) (0.25 leaves at most 75%% of what slm info counts)")
+    p.add_argument("--target-params", default=None, help="structured: at most this many parameters remain, "
+                   "e.g. 90M, 1.2B")
+    p.add_argument("--importance", choices=["activation", "magnitude"], default=None, help="structured: rank units "
+                   "by calibration activations (default) or by weight magnitude (no data)")
+    _calib_args(p)
 
 
 def _eval_parsers(sub) -> None:
@@ -239,6 +264,38 @@ def cmd_quantize(args) -> None:
     print(compress(args.model, steps, args.out, args.force))
 
 
+def cmd_prune(args) -> None:
+    """Unstructured / N:M pruning (--method, --sparsity | --pattern); structured pruning takes its own branch."""
+    from .calib import CalibConfig
+    from .pipeline import compress, make_step
+    from .prune import parse_pattern
+
+    if args.structured or args.ratio is not None or args.target_params is not None:
+        return _prune_structured(args)
+    _set_threads(args)
+    step = make_step("prune", algorithm=args.method or "wanda", sparsity=args.sparsity, damp=args.damp,
+                     pattern=parse_pattern(args.pattern) if args.pattern else None, per_layer=args.per_layer or None,
+                     calib=CalibConfig(args.calib, args.calib_samples, args.calib_length))
+    print(compress(args.model, [step.validate()], args.out, args.force, sparse_storage=args.sparse_storage))
+
+
+def _prune_structured(args) -> None:
+    """slm prune --structured AXIS --ratio R | --target-params N: a smaller dense model (slmkit.prune.structured)."""
+    from .calib import CalibConfig
+    from .errors import require
+    from .pipeline import compress, make_step
+
+    require(args.structured is not None, "--ratio and --target-params need --structured AXIS")
+    unstructured = {"--method": args.method, "--sparsity": args.sparsity, "--pattern": args.pattern, "--damp": args.damp,
+                    "--per-layer": args.per_layer or None, "--sparse-storage": args.sparse_storage or None}
+    given = [k for k, v in unstructured.items() if v is not None]
+    require(not given, f"--structured does not take {', '.join(given)} (unstructured / N:M options)")
+    _set_threads(args)
+    step = make_step("prune_structured", axis=args.structured, ratio=args.ratio, target_params=args.target_params,
+                     importance=args.importance, calib=CalibConfig(args.calib, args.calib_samples, args.calib_length))
+    print(compress(args.model, [step.validate()], args.out, args.force))
+
+
 def cmd_report(args) -> None:
     from .eval.report import build_report
 
@@ -247,7 +304,7 @@ def cmd_report(args) -> None:
 
 
 COMMANDS = {"info": cmd_info, "generate": cmd_generate, "chat": cmd_chat, "eval": cmd_eval, "bench": cmd_bench,
-            "report": cmd_report, "quantize": cmd_quantize}
+            "report": cmd_report, "quantize": cmd_quantize, "prune": cmd_prune}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -21,9 +21,11 @@ from .errors import SlmError, require
 
 def methods() -> dict[str, type]:
     """Every step kind by its recorded name: the one table records are read back through."""
+    from .prune import PruneConfig, StructuredPruneConfig
     from .quant import AWQConfig, GPTQConfig, KVCacheConfig, RTNConfig, SmoothQuantConfig
 
-    return {c.method: c for c in (RTNConfig, GPTQConfig, AWQConfig, SmoothQuantConfig, KVCacheConfig)}
+    return {c.method: c for c in (RTNConfig, GPTQConfig, AWQConfig, SmoothQuantConfig, KVCacheConfig, PruneConfig,
+                                  StructuredPruneConfig)}
 
 
 def apply_step_(model, cfg, calib: torch.Tensor | None = None) -> None:
@@ -53,9 +55,9 @@ def make_step(method: str, **values):
     return table[method](**given)
 
 
-def compress(spec, steps: list, out, force: bool = False):
+def compress(spec, steps: list, out, force: bool = False, sparse_storage: bool = False):
     """Load MODEL, apply the steps in order, save an slmkit checkpoint at `out` (atomically; an existing `out`
-    is refused before any work unless force)."""
+    is refused before any work unless force; sparse_storage: zeros stored compressed, see save_checkpoint)."""
     from pathlib import Path
 
     from .checkpoint import save_checkpoint
@@ -64,7 +66,7 @@ def compress(spec, steps: list, out, force: bool = False):
     require(force or not Path(out).exists(), f"{out} exists; pass --force to replace it")
     lm = load(spec)
     run_pipeline_(lm.model, lm.tokenizer, steps)
-    return save_checkpoint(lm.model, lm.tokenizer, Path(out), force=force)
+    return save_checkpoint(lm.model, lm.tokenizer, Path(out), force=force, sparse_storage=sparse_storage)
 
 
 def step_record(cfg) -> dict[str, Any]:

@@ -32,7 +32,9 @@ class GPTQConfig:
     act_order: bool = True
     static_groups: bool = False  # implied by act_order
     block_size: int = 128  # columns per lazy-update block
+    sequential: bool = True  # each block calibrated on the quantized blocks' outputs (one more pass per block)
     search: bool = False  # MSE clip search for each group's scale (GPTQ's own error feedback does better)
+    keep_zeros: bool = True  # symmetric schemes: weights already exactly zero (pruned) stay exactly zero
     embedding: QScheme | None = Q8_TABLES
     layers: LayerFilter = field(default_factory=LayerFilter)
     calib: CalibConfig = field(default_factory=CalibConfig)
@@ -41,7 +43,8 @@ class GPTQConfig:
 
     def apply_(self, model: nn.Module, calib: torch.Tensor | None) -> None:
         require(0 <= self.damp < 1 and self.block_size >= 1, f"gptq: damp must be in [0, 1), got {self.damp}")
-        for i, block, run in layerwise(model, calib, f"gptq {self.scheme.describe()}"):
+        for i, block, run in layerwise(model, calib, f"gptq {self.scheme.describe()}",
+                                         sequential=self.sequential):
             groups = [g for g in block_groups(block) if any(self.layers(f"blocks.{i}.{n}") for n in g.names)]
             with capture(block, groups, hessian=True) as stats:
                 run()
@@ -57,13 +60,19 @@ def gptq_linears_(root: nn.Module, names: list[str], H: torch.Tensor, cfg: GPTQC
     scheme = cfg.scheme.validate(linears[0].in_features)
     W = torch.cat([m.weight.data.float() for m in linears])  # [sum(out), in]
     codes, scales, offsets = gptq_quantize(W, H, scheme, cfg.damp, cfg.act_order, cfg.static_groups,
-                                           cfg.block_size, cfg.search)
+                                           cfg.block_size, cfg.search, _pruned_zeros(W, scheme, cfg))
     start = 0
     for name, m in zip(names, linears):
         rows = slice(start, start + m.out_features)
         start += m.out_features
         set_module(root, name, quantized_linear(m, codes[rows], scales[rows],
                                                 None if offsets is None else offsets[rows], scheme))
+
+
+def _pruned_zeros(W: torch.Tensor, scheme: QScheme, cfg: GPTQConfig) -> torch.Tensor | None:
+    """W's exact zeros (a prune step's mask), to stay zero: only symmetric grids hold zero exactly."""
+    zeros = W == 0
+    return zeros if cfg.keep_zeros and scheme.symmetric and bool(zeros.any()) else None
 
 
 def gptq_quantize(W: torch.Tensor, H: torch.Tensor, scheme: QScheme, damp: float = 0.01, act_order: bool = True,
