@@ -11,7 +11,7 @@ import torch
 import transformers
 
 from slmkit import loader
-from slmkit.checkpoint import export_gguf_float, export_hf, save_checkpoint
+from slmkit.checkpoint import export_gguf, export_hf, save_checkpoint
 from slmkit.config import ModelConfig
 from slmkit.errors import SlmError
 from slmkit.generate import GenerationConfig, generate
@@ -178,11 +178,11 @@ def test_each_axis_gives_a_working_smaller_model(axis, ratio, tmp_path):
     assert (hf.eval()(SEQ).logits - expected).abs().max() < 1e-4
 
 
-def test_auto_cuts_mlp_then_heads_then_layers():
+def test_auto_cuts_mlp_then_layers():
     cfg = pruned(StructuredPruneConfig("auto", ratio=0.15)).cfg
     assert (cfg.ffn_dim < 96, cfg.n_heads, cfg.n_layers) == (True, 4, 4)  # the MLP alone reaches 15%
     cfg = pruned(StructuredPruneConfig("auto", ratio=0.4)).cfg
-    assert (cfg.ffn_dim, cfg.n_heads, cfg.kv_heads, cfg.n_layers) == (48, 2, 2, 3)  # both floors, then a layer
+    assert (cfg.ffn_dim, cfg.n_heads, cfg.dim, cfg.n_layers) == (48, 4, 64, 3)  # MLP at its floor, then a layer
 
 
 @torch.no_grad()
@@ -198,7 +198,7 @@ def test_one_importance_pass_serves_several_targets():
 @torch.no_grad()
 def test_gguf_export_loads_in_slmkit_and_llama_cpp(tmp_path):
     model = pruned(StructuredPruneConfig("hidden", ratio=0.1))  # width 48, 4 heads of 16: head_dim written out
-    path = export_gguf_float(model, TOK, tmp_path / "m.gguf")
+    path = export_gguf(model, TOK, tmp_path / "m.gguf")
     assert (logits(loader.load(path).model) - logits(model)).abs().max() < 1e-4
     llama_cpp = pytest.importorskip("llama_cpp")
     llm = llama_cpp.Llama(str(path), n_ctx=64, logits_all=True, verbose=False, n_threads=2, type_k=0, type_v=0)
@@ -226,11 +226,12 @@ GEMMA = dataclasses.replace(GQA, family="gemma3", mlp="geglu", activation="gelu_
 QWEN2 = dataclasses.replace(GQA, family="qwen2", qkv_bias=True, tie_embeddings=False)
 
 
-@pytest.mark.parametrize("cfg, axis", [(GEMMA, "auto"), (QWEN2, "auto"), (QWEN2, "hidden")])
+@pytest.mark.parametrize("cfg, axis, ratio", [(GEMMA, "auto", 0.3), (GEMMA, "heads", 0.1), (QWEN2, "auto", 0.3),
+                                              (QWEN2, "hidden", 0.2)])
 @torch.no_grad()
-def test_other_families_export_after_pruning(cfg, axis, tmp_path):
+def test_other_families_export_after_pruning(cfg, axis, ratio, tmp_path):
     """QK-norm, sandwich norms, sliding layers (kept per kept block), QKV bias and an untied output survive."""
-    model = pruned(StructuredPruneConfig(axis, ratio=0.3 if axis == "auto" else 0.2), tiny(cfg))
+    model = pruned(StructuredPruneConfig(axis, ratio=ratio), tiny(cfg))
     hf = transformers.AutoModelForCausalLM.from_pretrained(export_hf(model, TOK, tmp_path / "hf"), dtype=torch.float32,
                                                            attn_implementation="eager")
     assert (hf.eval()(SEQ).logits - logits(model)).abs().max() < 1e-4

@@ -16,10 +16,12 @@ layer, by importance), so the config stays plain and exports need no padding. Ch
   is refused.
 * MLP widths are multiples of 8 (when the model's is at least 16); hidden widths multiples of the head count
   (so heads still divide the width and exports stay plain layouts).
-* `auto` cuts in a fixed order, each axis down to a floor before the next one starts: MLP channels first (to
-  half the width; Minitron finds MLP width the most forgiving), then query heads (to half of each group,
-  rounded up), then whole blocks, least important first. Hidden channels are left to the `hidden` axis:
-  they change every norm's statistics, which costs most without distillation.
+* `auto` cuts in a fixed order, each axis down to a floor before the next one starts: MLP channels first (down
+  to half the width; Minitron finds MLP width the most forgiving), then whole blocks, least important first.
+  Heads and hidden channels are left to their own axes: on SmolLM2-135M (activation importance, no healing,
+  WikiText-2 PPL 27.0 unpruned) one query head of each group in every layer (4.9% of the parameters) took
+  perplexity to ~580, and hidden width 504 (12.5%) to 87, against 45 for MLP width 1152 (14.8%) and 50 for
+  26 of 30 layers (10.5%); MLP 768 plus 6 query heads reached ~35,000.
 
 A target is a ratio of the parameters `slm info` counts (ratio 0.25 leaves at most 75%), a parameter count, or
 explicit widths (heads, ffn_dim, dim, n_layers; the axis is then not consulted). The result never has more
@@ -46,7 +48,7 @@ from .slicing import Keep, meta_decoder, slice_model_, sliced_config
 
 AXES = ("heads", "mlp", "hidden", "layers", "auto")
 IMPORTANCES = ("activation", "magnitude")
-AUTO_FLOORS = (("mlp", 0.5), ("heads", 0.5), ("layers", 0.0))  # auto: each axis down to this share of its width
+AUTO_FLOORS = (("mlp", 0.5), ("layers", 0.0))  # auto: each axis in turn, down to this share of its width
 MLP_STEP = 8
 UNIT_NAMES = {"heads": "query head of a group", "mlp": "MLP channel", "hidden": "hidden channel", "layers": "layer"}
 
@@ -138,7 +140,7 @@ def changed_widths(step: StructuredPruneConfig) -> set[str]:
     """The Widths fields the step may change."""
     if step.explicit:
         return set(step.explicit)
-    return {"heads", "ffn_dim", "n_layers"} if step.axis == "auto" else {AXIS_FIELD[step.axis]}
+    return {AXIS_FIELD[a] for a, _ in AUTO_FLOORS} if step.axis == "auto" else {AXIS_FIELD[step.axis]}
 
 
 def target_of(step: StructuredPruneConfig, total: int) -> int:
