@@ -7,7 +7,7 @@ from gguf import GGMLQuantizationType
 from gguf.quants import dequantize as gguf_dequantize, quantize as gguf_quantize
 
 from slmkit import convert
-from slmkit.checkpoint import export_gguf_float
+from slmkit.checkpoint import export_gguf
 from slmkit.config import ModelConfig
 from slmkit.errors import SlmError
 from slmkit.gguf_io import dequantize, read_gguf, read_header
@@ -52,7 +52,7 @@ def tiny_model():
 @pytest.mark.parametrize("dtype, tol", [("f32", 1e-5), ("f16", 5e-2)])
 def test_float_export_round_trip(tiny_model, tmp_path, dtype, tol):
     model, tok = tiny_model
-    path = export_gguf_float(model, tok, tmp_path / f"tiny-{dtype}.gguf", dtype=dtype)
+    path = export_gguf(model, tok, tmp_path / f"tiny-{dtype}.gguf", file_type=dtype.upper())
     lm = load(path)
     tokens = torch.randint(0, model.cfg.vocab_size, (1, 12))
     with torch.no_grad():
@@ -66,14 +66,14 @@ def test_export_refuses_existing_output(tiny_model, tmp_path):
     out = tmp_path / "x.gguf"
     out.write_bytes(b"keep me")
     with pytest.raises(SlmError, match="exists"):
-        export_gguf_float(model, tok, out)
+        export_gguf(model, tok, out)
     assert out.read_bytes() == b"keep me"
 
 
 def test_llama_cpp_runs_our_export(tiny_model, tmp_path):
     llama_cpp = pytest.importorskip("llama_cpp")
     model, tok = tiny_model
-    path = export_gguf_float(model, tok, tmp_path / "tiny.gguf")
+    path = export_gguf(model, tok, tmp_path / "tiny.gguf")
     llm = llama_cpp.Llama(str(path), n_ctx=64, logits_all=True, verbose=False, n_threads=2)
     ids = tok.encode("hello world small models")
     llm.eval(ids)

@@ -14,7 +14,7 @@ pytest.importorskip("llama_cpp")
 from slmkit import convert  # noqa: E402
 from slmkit.backends import load, model_info  # noqa: E402
 from slmkit.backends.llamacpp import load_gguf  # noqa: E402
-from slmkit.checkpoint import export_gguf_float, gguf_arch_meta  # noqa: E402
+from slmkit.checkpoint import export_gguf, gguf_arch_meta  # noqa: E402
 from slmkit.cli import main  # noqa: E402
 from slmkit.config import ModelConfig  # noqa: E402
 from slmkit.errors import SlmError  # noqa: E402
@@ -23,6 +23,7 @@ from slmkit.eval.data import Text  # noqa: E402
 from slmkit.eval.perplexity import PerplexityProtocol, perplexity  # noqa: E402
 from slmkit.generate import GenerationConfig, generate  # noqa: E402
 from slmkit.gguf_io import tokenizer_gguf_meta, write_gguf  # noqa: E402
+from slmkit.quant.ggml import TYPES  # noqa: E402
 from slmkit.model import Decoder  # noqa: E402
 
 from test_cli import CORPUS, tiny_tokenizer  # noqa: E402
@@ -47,7 +48,7 @@ def tiny_decoder(tok) -> Decoder:
 def gguf(tmp_path_factory) -> Path:
     """A tiny random llama model exported to an F32 GGUF file (what both backends read)."""
     tok = tiny_tokenizer()
-    return export_gguf_float(tiny_decoder(tok), tok, tmp_path_factory.mktemp("llamacpp") / "tiny-f32.gguf")
+    return export_gguf(tiny_decoder(tok), tok, tmp_path_factory.mktemp("llamacpp") / "tiny-f32.gguf")
 
 
 @pytest.fixture(scope="module")
@@ -139,7 +140,8 @@ def test_a_file_llama_cpp_rejects_is_one_line(tmp_path):
     state = convert.state_to_gguf({k: v.detach() for k, v in model.state_dict().items()}, model.cfg, "llama")
     del state["blk.1.ffn_down.weight"]
     path = tmp_path / "incomplete.gguf"
-    write_gguf(path, "llama", {**gguf_arch_meta(model.cfg, 0), **tokenizer_gguf_meta(tok)}, state)
+    tensors = {k: (v, TYPES["F32"]) for k, v in state.items()}
+    write_gguf(path, "llama", {**gguf_arch_meta(model.cfg, 0), **tokenizer_gguf_meta(tok)}, tensors)
     with pytest.raises(SlmError, match="llama.cpp cannot load it") as exc:
         load(path, backend="llamacpp")
     assert "\n" not in str(exc.value)

@@ -51,7 +51,13 @@ def save_checkpoint(model, tokenizer, out: Path, force: bool = False, sparse_sto
 def export_hf(model, tokenizer, out: Path, force: bool = False) -> Path:
     """A Hugging Face folder (config.json, model.safetensors, tokenizer) that transformers loads as-is.
 
-    Shared blocks are unrolled and layer-wise widths padded (exactly) so any model becomes a plain layout."""
+    Shared blocks are unrolled and layer-wise widths padded (exactly) so any model becomes a plain layout.
+    Packed weights are refused here: export_model writes them in the compressed-tensors format."""
+    from .quant.packed import PackedWeight
+
+    packed = [n for n, m in model.named_modules() if isinstance(m, PackedWeight)]
+    require(not packed, f"{packed[0] if packed else ''} holds packed weights, which a float Hugging Face folder "
+            "cannot hold; use slm export --format hf (compressed-tensors)")
     state, cfg = convert.unroll_for_export(_contiguous_state(model), model.cfg)
     hf_state = convert.state_to_hf(state, cfg)
     with atomic_output(out, force) as tmp:
@@ -63,17 +69,97 @@ def export_hf(model, tokenizer, out: Path, force: bool = False) -> Path:
     return Path(out)
 
 
-def export_gguf_float(model, tokenizer, out: Path, dtype: str = "f32", force: bool = False) -> Path:
-    """A GGUF file with float weights (f32 or f16), llama architecture, that llama.cpp loads."""
-    from .gguf_io import tokenizer_gguf_meta, write_gguf
+def export_model(model, tokenizer, out: Path, fmt: str, file_type: str = "auto", force: bool = False) -> Path:
+    """`slm export`: GGUF (export_gguf) or a Hugging Face folder (float: export_hf; packed weights:
+    compressed-tensors, slmkit.quant.compressed_tensors)."""
+    from .quant.packed import PackedWeight
 
-    state, cfg = convert.unroll_for_export(_contiguous_state(model), model.cfg)
+    if fmt == "gguf":
+        return export_gguf(model, tokenizer, Path(out), file_type, force)
+    require(file_type == "auto", "--type applies to GGUF; a Hugging Face folder keeps the model's own weights")
+    if any(isinstance(m, PackedWeight) for m in model.modules()):
+        from .quant.compressed_tensors import export_hf_compressed
+
+        return export_hf_compressed(model, tokenizer, Path(out), force)
+    return export_hf(model, tokenizer, Path(out), force)
+
+
+def export_gguf(model, tokenizer, out: Path, file_type: str = "auto", force: bool = False) -> Path:
+    """A GGUF file (llama architecture) that llama.cpp loads: F32, F16, or a quantized file type
+    (slmkit.quant.ggml.FILE_TYPES). Packed weights whose scheme is a GGML block grid are written code for
+    code; float matrices are quantized to the type llama.cpp would give them. `auto`: the block matrices'
+    own packed type, F32 for a float model. A request that the packed block weights cannot meet exactly is
+    refused with the type that fits."""
+    from .gguf_io import tokenizer_gguf_meta, write_gguf
+    from .quant import ggml
+
+    state, packed = _gguf_sources(model)
+    ftype = ggml.file_type(_auto_file_type(packed) if file_type == "auto" else file_type)
+    state, cfg = convert.unroll_for_export(state, model.cfg)
     require(cfg.family == "llama" and not cfg.qk_norm and not cfg.sandwich_norm and cfg.mlp == "swiglu",
             f"GGUF export supports llama-family models; this one is {cfg.family}")
-    meta = {**gguf_arch_meta(cfg, file_type=0 if dtype == "f32" else 1), **tokenizer_gguf_meta(tokenizer)}
+    names = dict(convert.gguf_pairs(cfg.n_layers))
+    packed = {names[_unrolled(k, layer)]: t for k, t in packed.items()
+              for layer in _layers_of(k, model.cfg)}
+    tensors = {}
+    for name, t in convert.state_to_gguf(state, cfg, "llama").items():
+        have = packed.get(name)
+        shape = tuple(t.shape) if have is None else (t.shape[0], t.shape[1] // have.nbytes * have.block)  # blocks
+        planned = ggml.file_plan(name, shape, ftype, cfg.n_layers, cfg.tie_embeddings)
+        if have is not None:
+            _check_request(name, have, planned, file_type)
+        tensors[name] = (t, have) if have is not None else (ggml.encode_float(t, planned), planned)
+    meta = {**gguf_arch_meta(cfg, file_type=ftype.id), **tokenizer_gguf_meta(tokenizer)}
     with atomic_output(out, force, is_dir=False) as tmp:
-        write_gguf(tmp, "llama", meta, convert.state_to_gguf(state, cfg, "llama"), dtype)
+        write_gguf(tmp, "llama", meta, tensors)
     return Path(out)
+
+
+def _gguf_sources(model) -> tuple[dict[str, torch.Tensor], dict]:
+    """The float state with every packed weight replaced by its GGML blocks [out, bytes per row] under
+    `NAME.weight`, and {NAME.weight: GGMLType} of those. Refuses schemes no GGML type stores exactly."""
+    from .quant import ggml
+    from .quant.packed import PackedWeight
+
+    state, packed = _contiguous_state(model), {}
+    for name, m in model.named_modules():
+        if isinstance(m, PackedWeight):
+            require(not (model.cfg.layer_n_heads or model.cfg.layer_n_kv_heads or model.cfg.layer_ffn_dims),
+                    "GGUF export of packed weights needs uniform layer widths; export the float model")
+            for buf in ("qweight", "scales", "offsets"):
+                state.pop(f"{name}.{buf}", None)
+            gtype = ggml.check_exact(name, m.scheme)
+            state[f"{name}.weight"] = ggml.encode_codes(m.codes(), m.scales, m.offsets, gtype)
+            packed[f"{name}.weight"] = gtype
+    return state, packed
+
+
+def _layers_of(key: str, cfg: ModelConfig) -> list[int | None]:
+    """The unrolled layers a stored key appears in (shared blocks repeat); [None] for non-block keys."""
+    if not key.startswith("blocks."):
+        return [None]
+    stored = int(key.split(".")[1])
+    return [layer for layer in range(cfg.n_layers) if layer // cfg.share_blocks == stored]
+
+
+def _unrolled(key: str, layer: int | None) -> str:
+    return key if layer is None else f"blocks.{layer}.{key.split('.', 2)[2]}"
+
+
+def _auto_file_type(packed: dict) -> str:
+    """The most common packed type among the block matrices (F32 when nothing is packed)."""
+    kinds = [t.name for k, t in packed.items() if k.startswith("blocks.")] or ["F32"]
+    return max(set(kinds), key=kinds.count)
+
+
+def _check_request(name: str, have, planned, requested: str) -> None:
+    """A packed block matrix must already be the type the requested file gives it; the embedding/output
+    table keeps whatever exact type it was packed in."""
+    if requested == "auto" or not name.startswith("blk.") or have.name == planned.name:
+        return
+    raise SlmError(f"{name} is packed as {have.scheme.describe()}, which GGUF stores as {have.name}, but "
+                   f"{requested} needs {planned.name} there; export with --type {have.name} (nothing is "
+                   "re-quantized), or quantize the float model to that type")
 
 
 def gguf_arch_meta(cfg: ModelConfig, file_type: int) -> dict:

@@ -82,6 +82,19 @@ def _compress_parsers(sub) -> None:
     q.add_argument("--kv-bits", type=int, choices=[4, 8], default=None, help="also store the KV cache in 8 or 4 bits")
     _calib_args(q)
     _prune_parser(sub)
+    _export_parser(sub)
+
+
+def _export_parser(sub) -> None:
+    from .quant.ggml import FILE_TYPES
+
+    ex = sub.add_parser("export", help="write a model as GGUF (llama.cpp) or a Hugging Face folder")
+    _model_args(ex)
+    ex.add_argument("--format", choices=["gguf", "hf"], required=True)
+    ex.add_argument("--type", default="auto", choices=["auto", *FILE_TYPES], help="gguf: file type (default auto: "
+                    "the packed weights' own type, F32 for a float model); packed codes are written as they are")
+    ex.add_argument("-o", "--out", required=True, help="output .gguf file or Hugging Face folder")
+    ex.add_argument("--force", action="store_true", help="replace OUT if it exists")
 
 
 def _prune_parser(sub) -> None:
@@ -98,7 +111,7 @@ def _prune_parser(sub) -> None:
                    "a smaller file, the same model in memory")
     p.add_argument("--structured", choices=["heads", "mlp", "hidden", "layers", "auto"], default=None,
                    help="structured instead: remove attention heads, MLP channels, hidden channels or whole layers "
-                   "(auto: MLP, then heads, then layers), giving a smaller dense model")
+                   "(auto: MLP channels to half, then layers), giving a smaller dense model")
     p.add_argument("--ratio", type=float, default=None, help="structured: share of the parameters to remove, in "
                    "(0, 1) (0.25 leaves at most 75%% of what slm info counts)")
     p.add_argument("--target-params", default=None, help="structured: at most this many parameters remain, "
@@ -286,14 +299,22 @@ def _prune_structured(args) -> None:
     from .pipeline import compress, make_step
 
     require(args.structured is not None, "--ratio and --target-params need --structured AXIS")
-    unstructured = {"--method": args.method, "--sparsity": args.sparsity, "--pattern": args.pattern, "--damp": args.damp,
-                    "--per-layer": args.per_layer or None, "--sparse-storage": args.sparse_storage or None}
+    unstructured = {"--method": args.method, "--sparsity": args.sparsity, "--pattern": args.pattern,
+                    "--damp": args.damp, "--per-layer": args.per_layer or None,
+                    "--sparse-storage": args.sparse_storage or None}
     given = [k for k, v in unstructured.items() if v is not None]
     require(not given, f"--structured does not take {', '.join(given)} (unstructured / N:M options)")
     _set_threads(args)
     step = make_step("prune_structured", axis=args.structured, ratio=args.ratio, target_params=args.target_params,
                      importance=args.importance, calib=CalibConfig(args.calib, args.calib_samples, args.calib_length))
     print(compress(args.model, [step.validate()], args.out, args.force))
+
+
+def cmd_export(args) -> None:
+    from .checkpoint import export_model
+
+    loaded = _load(args)
+    print(export_model(loaded.model, loaded.tokenizer, args.out, args.format, args.type, args.force))
 
 
 def cmd_report(args) -> None:
@@ -304,7 +325,8 @@ def cmd_report(args) -> None:
 
 
 COMMANDS = {"info": cmd_info, "generate": cmd_generate, "chat": cmd_chat, "eval": cmd_eval, "bench": cmd_bench,
-            "report": cmd_report, "quantize": cmd_quantize, "prune": cmd_prune}
+            "report": cmd_report, "quantize": cmd_quantize, "prune": cmd_prune,
+            "export": cmd_export}
 
 
 def main(argv: list[str] | None = None) -> int:

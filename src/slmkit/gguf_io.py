@@ -152,18 +152,20 @@ _DEQUANT = {0: lambda raw: raw.contiguous().view(torch.float32).clone(), 1: lamb
             30: lambda raw: raw.contiguous().view(torch.bfloat16).float(), 2: _q4_0, 3: _q4_1, 8: _q8_0}
 
 
-def write_gguf(path: Path, arch: str, meta: dict, tensors: dict[str, torch.Tensor], dtype: str = "f32") -> None:
-    """Write float tensors (f32 or f16) and metadata; `meta` maps GGUF keys to Python values."""
+def write_gguf(path: Path, arch: str, meta: dict, tensors: dict) -> None:
+    """Write tensors and metadata; `meta` maps GGUF keys to Python values, `tensors` maps names to (data, type):
+    float data for F32 / F16, GGML blocks [rows, bytes per row] (uint8) for block types (slmkit.quant.ggml)."""
     import gguf
 
     writer = gguf.GGUFWriter(str(path), arch)
     for key, value in meta.items():
         if key not in ("general.architecture",) and value is not None:
             _add_field(writer, key, value)
-    np_dtype = np.float16 if dtype == "f16" else np.float32
-    for name, t in tensors.items():
-        array = t.detach().float().numpy()
-        writer.add_tensor(name, array.astype(np_dtype if array.ndim > 1 else np.float32))
+    for name, (t, gtype) in tensors.items():
+        if gtype.name in ("F32", "F16"):
+            writer.add_tensor(name, t.detach().float().numpy().astype(np.float16 if gtype.name == "F16" else np.float32))
+        else:
+            writer.add_tensor(name, t.numpy(), raw_dtype=gguf.GGMLQuantizationType(gtype.id))
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file(progress=False)
