@@ -144,6 +144,21 @@ def test_gptq_with_identity_hessian_is_rtn():
     assert torch.equal(codes, rtn_codes) and torch.equal(scale, rtn_scale)
 
 
+@pytest.mark.parametrize("act_order", [False, True])
+def test_gptq_search_weighs_the_hessian_diagonal(act_order):
+    """With a diagonal Hessian no error moves between columns, so GPTQ's scale search is RTN's search weighted
+    by that diagonal (an imatrix): the same codes, and a weighted error no larger than the range's scales."""
+    scheme = QScheme(4, 16, True)
+    W = weights(8, 64, seed=8)
+    d = torch.rand(64, generator=torch.Generator().manual_seed(2)) * 4 + 0.1
+    codes, scale, _ = gptq_quantize(W, torch.diag(d), scheme, damp=0.0, act_order=act_order, search=True)
+    want_codes, want_scale, _ = quantize_weight(W, scheme, importance=d, search=True)
+    assert torch.equal(codes, want_codes) and torch.equal(scale, want_scale)
+    plain = gptq_quantize(W, torch.diag(d), scheme, damp=0.0, act_order=act_order, search=False)
+    weighted = lambda c, s: (d * (dequantize_weight(c, s, None, scheme) - W) ** 2).sum()  # noqa: E731
+    assert weighted(codes, scale) < weighted(plain[0], plain[1])
+
+
 def test_gptq_dead_inputs_and_keep_zero():
     scheme = QScheme(4, 16, True)
     W, X = weights(8, 32, seed=7), correlated_inputs(512, 32)

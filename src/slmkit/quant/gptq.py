@@ -5,7 +5,7 @@ Options: group size (from the scheme), activation order (columns with the larges
 damping (fraction of the mean diagonal added before inverting), static groups (every group's scale chosen
 from the original weights before the sweep). Our packed formats and GGUF need each group to be contiguous in
 the original column order, so activation order always uses static groups (no g_idx permutation is stored).
-Scales can be searched (MSE clip search) rather than taken from the range.
+Scales can be searched (a clip search weighted by the Hessian diagonal) rather than taken from the range.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ class GPTQConfig:
     static_groups: bool = False  # implied by act_order
     block_size: int = 128  # columns per lazy-update block
     sequential: bool = True  # each block calibrated on the quantized blocks' outputs (one more pass per block)
-    search: bool = False  # MSE clip search for each group's scale (GPTQ's own error feedback does better)
+    search: bool = False  # clip search for each group's scale, weighted by the Hessian diagonal (imatrix-style)
     keep_zeros: bool = True  # symmetric schemes: weights already exactly zero (pruned) stay exactly zero
     embedding: QScheme | None = Q8_TABLES
     layers: LayerFilter = field(default_factory=LayerFilter)
@@ -86,7 +86,7 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, scheme: QScheme, damp: float
     n, width = W.shape[1], scheme.width(W.shape[1])
     W, H = prepare_hessian(W, H, damp)
     static = act_order or static_groups or width > block_size or block_size % width != 0
-    params = _GroupParams(W, scheme, width, search, static)
+    params = _GroupParams(W, scheme, width, torch.diag(H).clone() if search else None, static)
     perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(n)
     U = inverse_cholesky_upper(H[perm][:, perm])
     zero_mask = None if keep_zero is None else keep_zero[:, perm].T.contiguous()  # [n, out], swept order
@@ -110,20 +110,26 @@ class _GroupParams:
     """Each group's scale (and offset): chosen up front from the original weights (static), or from the
     error-updated weights when the sweep reaches the group's first column (the block being swept is watched)."""
 
-    def __init__(self, W: torch.Tensor, scheme: QScheme, width: int, search: bool, static: bool):
-        self.scheme, self.width, self.search, self.static = scheme, width, search, static
+    def __init__(self, W: torch.Tensor, scheme: QScheme, width: int, importance: torch.Tensor | None, static: bool):
+        """importance [n] (the Hessian diagonal): search each group's clip to minimise the error it weighs;
+        None: the range's own scale."""
+        self.scheme, self.width, self.importance, self.static = scheme, width, importance, static
         groups = W.shape[1] // width
         self.scales = torch.ones(W.shape[0], groups)
         self.offsets = None if scheme.symmetric else torch.zeros(W.shape[0], groups)
         self.block, self.block_start = None, 0
         if static:
-            scale, offset = self._choose(grouped(W, width))  # [out, groups, 1]
+            scale, offset = self._choose(grouped(W, width), 0)  # [out, groups, 1]
             self.scales = scale[..., 0]
             if offset is not None:
                 self.offsets = offset[..., 0]
 
-    def _choose(self, g: torch.Tensor):
-        return search_qparams(g, self.scheme) if self.search else qparams(g, self.scheme)
+    def _choose(self, g: torch.Tensor, first: int):
+        """Parameters of groups g [out, groups, width] whose first column is `first`."""
+        if self.importance is None:
+            return qparams(g, self.scheme)
+        imp = self.importance[first:first + g.shape[1] * g.shape[2]].reshape(1, g.shape[1], g.shape[2])
+        return search_qparams(g, self.scheme, imp)
 
     def watch(self, i1: int, i2: int, W1: torch.Tensor) -> None:
         self.block, self.block_start = W1, i1
@@ -133,7 +139,7 @@ class _GroupParams:
         g = col // self.width
         if not self.static and col % self.width == 0:
             local = j - self.block_start
-            scale, offset = self._choose(self.block[local:local + self.width].T[:, None])  # [out, 1, 1]
+            scale, offset = self._choose(self.block[local:local + self.width].T[:, None], col)  # [out, 1, 1]
             self.scales[:, g] = scale[:, 0, 0]
             if offset is not None:
                 self.offsets[:, g] = offset[:, 0, 0]
