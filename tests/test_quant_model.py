@@ -165,3 +165,11 @@ def test_layerwise_inputs_match_the_full_model():
         for i, block in enumerate(model.blocks):
             x = block(x, model.rope[:, :16], torch.ones(16, 16).tril().bool(), None, i, 0)
             assert torch.allclose(seen[i], x, atol=1e-5)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 5, 6, 8])
+def test_code_bytes_follow_the_bit_width(bits):
+    """Codes take exactly `bits` bits in memory and in the checkpoint, 3/5/6/7 bits included (a bit stream)."""
+    model = quantized(RTNConfig(QScheme(bits, 32), search=False, embedding=None))
+    layers = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    assert sum(m.qweight.numel() for m in layers) * 8 == bits * sum(m.weight_numel for m in layers)

@@ -7,7 +7,7 @@ import torch
 
 from slmkit.errors import SlmError
 from slmkit.quant.gptq import gptq_quantize
-from slmkit.quant.scheme import (QScheme, codes_per_byte, dequantize_weight, fp16_round, grouped, pack, qparams,
+from slmkit.quant.scheme import (QScheme, dequantize_weight, fp16_round, grouped, pack, packed_width, qparams,
                                  quantize_per_tensor, quantize_weight, search_qparams, unpack)
 
 SCHEMES = [QScheme(b, g, s) for b, g, s in itertools.product(range(2, 9), (0, 16, 32), (True, False))]
@@ -90,7 +90,16 @@ def test_importance_weighting_protects_important_columns():
 def test_pack_unpack_round_trip_and_bytes(bits):
     codes = torch.randint(0, 1 << bits, (5, 64), dtype=torch.uint8)
     packed = pack(codes, bits)
-    assert packed.shape == (5, 64 // codes_per_byte(bits)) and torch.equal(unpack(packed, bits), codes)
+    assert packed.shape == (5, 64 * bits // 8) == (5, packed_width(64, bits))  # exactly `bits` bits a code
+    assert torch.equal(unpack(packed, bits), codes)
+
+
+def test_three_bit_stream_layout():
+    codes = torch.tensor([[1, 2, 3, 4, 5, 6, 7, 0]], dtype=torch.uint8)
+    word = sum(c << (3 * k) for k, c in enumerate(codes[0].tolist()))
+    assert pack(codes, 3).tolist() == [[word & 0xFF, (word >> 8) & 0xFF, word >> 16]]
+    with pytest.raises(SlmError, match="multiple of 8"):
+        pack(torch.zeros(1, 12, dtype=torch.uint8), 3)
 
 
 def test_four_bit_layout_is_low_nibble_first():

@@ -14,7 +14,7 @@ from torch import nn
 
 from ..calib import CalibConfig
 from ..errors import require
-from .scheme import QScheme, codes_per_byte, dequantize, pack, qparams, quantize, unpack
+from .scheme import QScheme, dequantize, pack, packed_width, qparams, quantize, unpack
 
 
 @dataclass
@@ -36,7 +36,7 @@ class _Store:
     def __init__(self, shape: tuple[int, int, int, int], scheme: QScheme, device):
         B, K, L, D = shape
         groups = D // scheme.width(D)
-        self.codes = torch.zeros(B, K, L, D // codes_per_byte(scheme.bits), dtype=torch.uint8, device=device)
+        self.codes = torch.zeros(B, K, L, packed_width(D, scheme.bits), dtype=torch.uint8, device=device)
         self.scales = torch.zeros(B, K, L, groups, dtype=torch.float16, device=device)
         self.offsets = None if scheme.symmetric else torch.zeros_like(self.scales)
 

@@ -1,6 +1,6 @@
 """Packed low-bit weights that stay packed in memory: linear layers and embedding tables.
 
-A packed weight holds `qweight` (uint8 codes, 1, 2 or 4 per byte: see scheme.pack), `scales` (float16
+A packed weight holds `qweight` (uint8, exactly `bits` bits per code: see scheme.pack), `scales` (float16
 [out, groups]) and, for asymmetric schemes, `offsets` (float16 [out, groups]). Its bytes in memory are those
 buffers and nothing else: no float copy is kept. Few-row products (decode) run in slmkit's C kernels, which
 read the codes directly; many-row products (prefill, scoring) dequantize the matrix once per call and use
@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import kernels
-from .scheme import QScheme, codes_per_byte, dequantize_weight, pack, unpack
+from .scheme import QScheme, dequantize_weight, pack, packed_width, unpack
 
 
 class PackedWeight(nn.Module):
@@ -26,8 +26,8 @@ class PackedWeight(nn.Module):
         super().__init__()
         self.out_features, self.in_features, self.scheme = out_features, in_features, scheme.validate(in_features)
         groups = in_features // scheme.width(in_features)
-        per = codes_per_byte(scheme.bits)
-        self.register_buffer("qweight", torch.zeros(out_features, in_features // per, dtype=torch.uint8))
+        self.register_buffer("qweight", torch.zeros(out_features, packed_width(in_features, scheme.bits),
+                                                     dtype=torch.uint8))
         self.register_buffer("scales", torch.ones(out_features, groups, dtype=torch.float16))
         self.register_buffer("offsets", None if scheme.symmetric else torch.zeros(out_features, groups,
                                                                                       dtype=torch.float16))

@@ -149,19 +149,30 @@ def quantize_per_tensor(w: torch.Tensor, scheme: QScheme) -> tuple[torch.Tensor,
     return codes, scale.reshape(1), None if offset is None else offset.reshape(1)
 
 
-# ---- packing: 8-bit codes one per byte, 3- and 4-bit two per byte, 2-bit four per byte -------------------
-def codes_per_byte(bits: int) -> int:
-    return 4 if bits == 2 else 2 if bits <= 4 else 1
+# ---- packing: 8-bit one code per byte, 4-bit two, 2-bit four; 3, 5, 6 and 7 bits as a bit stream --------------
+LANES = {8: 1, 4: 2, 2: 4}  # codes per byte where a byte holds whole codes
+STREAM = 8  # other widths: every 8 codes fill `bits` bytes exactly
+
+
+def packed_width(width: int, bits: int) -> int:
+    """Bytes that `width` codes of `bits` bits take: exactly width * bits / 8."""
+    unit = LANES.get(bits, STREAM)
+    require(width % unit == 0, f"width {width} is not a multiple of {unit} for {bits}-bit packing")
+    return width * bits // 8
 
 
 def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
-    """uint8 codes [out, in] -> uint8 [out, in / per_byte]; column j*per + k sits at bit k * 8/per of byte j."""
-    per = codes_per_byte(bits)
-    require(codes.shape[-1] % per == 0, f"width {codes.shape[-1]} is not a multiple of {per} for {bits}-bit packing")
+    """uint8 codes [..., n] -> uint8 [..., n * bits / 8]. Whole-code layouts: column j*per + k sits at bit
+    k * 8/per of byte j (4-bit: low nibble first). Stream layout (3, 5, 6, 7 bits): each run of 8 codes is one
+    little-endian integer of `bits` bytes, code k at bit k * bits."""
+    packed_width(codes.shape[-1], bits)  # validates the width
+    if bits not in LANES:
+        return _pack_stream(codes, bits)
+    per = LANES[bits]
     if per == 1:
         return codes.to(torch.uint8).contiguous()
     shift = 8 // per
-    lanes = codes.to(torch.uint8).reshape(*codes.shape[:-1], -1, per)  # [out, in/per, per]
+    lanes = codes.to(torch.uint8).reshape(*codes.shape[:-1], -1, per)  # [..., n/per, per]
     packed = torch.zeros(lanes.shape[:-1], dtype=torch.uint8)
     for k in range(per):
         packed |= lanes[..., k] << (k * shift)
@@ -169,10 +180,27 @@ def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
 
 
 def unpack(packed: torch.Tensor, bits: int) -> torch.Tensor:
-    """Inverse of pack: uint8 [out, in / per_byte] -> uint8 codes [out, in]."""
-    per = codes_per_byte(bits)
+    """Inverse of pack: uint8 [..., n * bits / 8] -> uint8 codes [..., n]."""
+    if bits not in LANES:
+        return _unpack_stream(packed, bits)
+    per = LANES[bits]
     if per == 1:
         return packed
     shift, mask = 8 // per, (1 << (8 // per)) - 1
-    lanes = torch.stack([(packed >> (k * shift)) & mask for k in range(per)], -1)  # [out, in/per, per]
+    lanes = torch.stack([(packed >> (k * shift)) & mask for k in range(per)], -1)  # [..., n/per, per]
     return lanes.reshape(*packed.shape[:-1], -1)
+
+
+def _pack_stream(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    runs = codes.to(torch.int64).reshape(*codes.shape[:-1], -1, STREAM)  # [..., n/8, 8]
+    word = (runs << (torch.arange(STREAM) * bits)).sum(-1, keepdim=True)  # [..., n/8, 1], < 2^(8*bits)
+    return word.view(torch.uint8)[..., :bits].reshape(*codes.shape[:-1], -1)  # low `bits` bytes of each word
+
+
+def _unpack_stream(packed: torch.Tensor, bits: int) -> torch.Tensor:
+    runs = packed.reshape(*packed.shape[:-1], -1, bits)  # [..., n/8, bits]
+    padded = torch.zeros(*runs.shape[:-1], 8, dtype=torch.uint8)
+    padded[..., :bits] = runs
+    word = padded.view(torch.int64)  # [..., n/8, 1]
+    codes = (word >> (torch.arange(STREAM) * bits)) & ((1 << bits) - 1)  # [..., n/8, 8]
+    return codes.to(torch.uint8).reshape(*packed.shape[:-1], -1)
