@@ -139,6 +139,27 @@ def test_every_algorithm_prunes_every_block_linear_and_reruns_from_its_record(al
     assert torch.equal(again(tokens(16)), model(tokens(16)))
 
 
+@pytest.mark.parametrize("algorithm", ["magnitude", "wanda", "sparsegpt"])
+def test_layer_wise_targets_prune_each_block_to_its_own_sparsity(algorithm):
+    cfg = PruneConfig(algorithm, layer_sparsity=(0.25, 0.75))
+    model = prune_(tiny_model(), cfg, calib() if cfg.needs_calibration else None)
+    for name, W in block_weights(model).items():
+        target = 0.25 if name.startswith("blocks.0.") else 0.75
+        assert ((W == 0).sum(1) == int(W.shape[1] * target)).all(), name
+    assert zero_fractions(model)[0] == 0.5 and "layer-wise" in cfg.describe()
+    record = json.loads(json.dumps(model.compression[0]))
+    assert record["layer_sparsity"] == [0.25, 0.75] and step_from_record(record) == cfg
+
+
+def test_bad_layer_wise_targets_are_refused():
+    with pytest.raises(SlmError, match="one target per block"):
+        prune_(tiny_model(), PruneConfig("magnitude", layer_sparsity=(0.5,)))
+    with pytest.raises(SlmError, match="sparsity must be in"):
+        PruneConfig("magnitude", layer_sparsity=(0.5, 1.0)).validate()
+    with pytest.raises(SlmError, match="do not combine"):
+        PruneConfig("magnitude", layer_sparsity=(0.5, 0.5), pattern=(2, 4)).validate()
+
+
 def test_calibrated_pruning_keeps_the_function_closer_than_magnitude():
     reference, seq = tiny_model(), calib(4, 32)
 
@@ -222,6 +243,9 @@ def test_slm_prune_writes_a_sparse_checkpoint_that_info_reports(tiny64, calib_te
     assert "50.0% of linear-layer weights are exactly zero" in text and "save no time and no memory" in text
     code, out, err = prune_cli(capsys, tiny64, tmp_path / "w", calib_text)  # defaults: wanda, 50%
     assert code == 0 and loader.load(out.strip()).model.compression[0]["algorithm"] == "wanda"
+    code, out, err = prune_cli(capsys, tiny64, tmp_path / "l", calib_text, "--layer-sparsity", "0.25,0.75")
+    assert code == 0, err
+    assert loader.load(out.strip()).model.compression[0]["layer_sparsity"] == [0.25, 0.75]
 
 
 @pytest.mark.parametrize("extra,message", [(["--sparsity", "1.5"], "sparsity must be in [0, 1)"),
@@ -229,6 +253,8 @@ def test_slm_prune_writes_a_sparse_checkpoint_that_info_reports(tiny64, calib_te
                                            (["--pattern", "two:four"], "must look like 2:4"),
                                            (["--pattern", "3:5"], "does not divide the layer width 64"),
                                            (["--sparsity", "0.5", "--pattern", "2:4"], "not both"),
+                                           (["--layer-sparsity", "0.5,x"], "comma-separated numbers"),
+                                           (["--layer-sparsity", "0.5,0.5,0.5"], "one target per block"),
                                            (["--calib-samples", "400"], "asked for 400")])
 def test_bad_input_exits_2_and_writes_nothing(tiny64, calib_text, tmp_path, capsys, extra, message):
     code, _, err = prune_cli(capsys, tiny64, tmp_path / "p", calib_text, *extra)

@@ -109,6 +109,8 @@ def _prune_parser(sub) -> None:
     p.add_argument("--damp", type=float, default=None, help="sparsegpt: Hessian damping (default 0.01)")
     p.add_argument("--sparse-storage", action="store_true", help="store the zeros compressed (bitmask + values): "
                    "a smaller file, the same model in memory")
+    p.add_argument("--layer-sparsity", default=None, help="layer-wise targets instead of --sparsity: one fraction "
+                   "per decoder block, comma-separated (e.g. 0.4,0.45,...,0.6)")
     p.add_argument("--structured", choices=["heads", "mlp", "hidden", "layers", "auto"], default=None,
                    help="structured instead: remove attention heads, MLP channels, hidden channels or whole layers "
                    "(auto: MLP channels to half, then layers), giving a smaller dense model")
@@ -286,10 +288,20 @@ def cmd_prune(args) -> None:
     if args.structured or args.ratio is not None or args.target_params is not None:
         return _prune_structured(args)
     _set_threads(args)
+    layer_sparsity = None if args.layer_sparsity is None else _floats(args.layer_sparsity, "--layer-sparsity")
     step = make_step("prune", algorithm=args.method or "wanda", sparsity=args.sparsity, damp=args.damp,
+                     layer_sparsity=layer_sparsity,
                      pattern=parse_pattern(args.pattern) if args.pattern else None, per_layer=args.per_layer or None,
                      calib=CalibConfig(args.calib, args.calib_samples, args.calib_length))
     print(compress(args.model, [step.validate()], args.out, args.force, sparse_storage=args.sparse_storage))
+
+
+def _floats(text: str, option: str) -> tuple[float, ...]:
+    from .errors import require
+
+    parts = [t.strip() for t in text.split(",")]
+    require(all(p.replace(".", "", 1).isdigit() for p in parts), f"{option} takes comma-separated numbers, got {text!r}")
+    return tuple(float(p) for p in parts)
 
 
 def _prune_structured(args) -> None:
@@ -300,6 +312,7 @@ def _prune_structured(args) -> None:
 
     require(args.structured is not None, "--ratio and --target-params need --structured AXIS")
     unstructured = {"--method": args.method, "--sparsity": args.sparsity, "--pattern": args.pattern,
+                    "--layer-sparsity": args.layer_sparsity,
                     "--damp": args.damp, "--per-layer": args.per_layer or None,
                     "--sparse-storage": args.sparse_storage or None}
     given = [k for k, v in unstructured.items() if v is not None]

@@ -32,6 +32,7 @@ class PruneConfig:
     sparsity: float | None = None  # fraction of each comparison group set to zero; None: 0.5 (or the pattern's)
     pattern: Pattern | None = None  # (N, M): keep N of every M consecutive input columns of each row
     per_layer: bool = False  # compare scores across the whole layer instead of within each output row
+    layer_sparsity: tuple[float, ...] | None = None  # one target per decoder block (layer-wise), else uniform
     damp: float = 0.01  # sparsegpt: fraction of the mean Hessian diagonal added before inverting
     block_size: int = 128  # sparsegpt: columns per mask / lazy-update block
     layers: LayerFilter = field(default_factory=LayerFilter)
@@ -54,8 +55,16 @@ class PruneConfig:
             return 1 - self.pattern[0] / self.pattern[1]
         return 0.5 if self.sparsity is None else self.sparsity
 
+    def fraction_of(self, name: str) -> float:
+        """The share pruned in linear `name` (blocks.I....): block I's layer-wise target, else the uniform one."""
+        if self.layer_sparsity is None or not name.startswith("blocks."):
+            return self.fraction
+        return self.layer_sparsity[int(name.split(".")[1])]
+
     def describe(self) -> str:
         shape = f"{self.pattern[0]}:{self.pattern[1]}" if self.pattern else f"{self.fraction:.0%}"
+        if self.layer_sparsity is not None:
+            shape = f"{sum(self.layer_sparsity) / len(self.layer_sparsity):.0%} on average, layer-wise"
         return f"{self.algorithm} {shape}"
 
     def validate(self) -> "PruneConfig":
@@ -63,6 +72,11 @@ class PruneConfig:
         require(self.sparsity is None or self.pattern is None, "give a sparsity or an N:M pattern, not both")
         check_sparsity(self.fraction)
         check_pattern(self.pattern)
+        if self.layer_sparsity is not None:
+            require(self.pattern is None and self.sparsity is None, "layer-wise sparsity targets replace "
+                    "--sparsity and do not combine with an N:M pattern")
+            for target in self.layer_sparsity:
+                check_sparsity(target)
         require(0 <= self.damp < 1 and self.block_size >= 1, f"prune: damp must be in [0, 1) and block size >= 1, "
                 f"got {self.damp} and {self.block_size}")
         return self
@@ -72,9 +86,12 @@ class PruneConfig:
         linears = _float_linears(model, self.layers)
         for name, linear in linears:
             check_pattern(self.pattern, linear.in_features)
+        n_blocks = len(model.blocks)
+        require(self.layer_sparsity is None or len(self.layer_sparsity) == n_blocks,
+                f"layer-wise sparsity needs one target per block ({n_blocks}), got {len(self.layer_sparsity or ())}")
         if not self.needs_calibration:
             for name, linear in progress(linears, f"pruning {self.describe()}"):
-                prune_linear_(linear, None, self)
+                prune_linear_(linear, None, self, self.fraction_of(name))
             return
         for i, block, run in layerwise(model, calib, f"pruning {self.describe()}"):
             groups = [g for g in block_groups(block) if any(self.layers(f"blocks.{i}.{n}") for n in g.names)]
@@ -83,7 +100,7 @@ class PruneConfig:
             for group, st in zip(groups, stats):
                 for n in group.names:
                     if self.layers(f"blocks.{i}.{n}"):
-                        prune_linear_(block.get_submodule(n), st, self)
+                        prune_linear_(block.get_submodule(n), st, self, self.fraction_of(f"blocks.{i}.{n}"))
 
 
 def _float_linears(model: nn.Module, layers: LayerFilter) -> list[tuple[str, nn.Linear]]:
@@ -93,26 +110,27 @@ def _float_linears(model: nn.Module, layers: LayerFilter) -> list[tuple[str, nn.
     return named_linears(model, layers)
 
 
-def prune_linear_(linear: nn.Linear, stats: InputStats | None, cfg: PruneConfig) -> None:
-    """Replace the linear's weights by their pruned version (same dtype, exact zeros)."""
+def prune_linear_(linear: nn.Linear, stats: InputStats | None, cfg: PruneConfig, fraction: float) -> None:
+    """Replace the linear's weights by their pruned version (same dtype, exact zeros), `fraction` of them pruned
+    (ignored under an N:M pattern, which fixes it)."""
     W = linear.weight.data
-    linear.weight.data = cfg.pruner.prune(W.float(), stats, cfg).to(W.dtype)
+    linear.weight.data = cfg.pruner.prune(W.float(), stats, cfg, fraction).to(W.dtype)
 
 
-def _magnitude(W: torch.Tensor, stats: InputStats | None, cfg: PruneConfig) -> torch.Tensor:
-    return W * select_mask(magnitude_scores(W), cfg.fraction, cfg.pattern, cfg.per_layer)
+def _magnitude(W: torch.Tensor, stats: InputStats | None, cfg: PruneConfig, fraction: float) -> torch.Tensor:
+    return W * select_mask(magnitude_scores(W), fraction, cfg.pattern, cfg.per_layer)
 
 
-def _wanda(W: torch.Tensor, stats: InputStats, cfg: PruneConfig) -> torch.Tensor:
-    return W * select_mask(wanda_scores(W, stats.mean_sq), cfg.fraction, cfg.pattern, cfg.per_layer)
+def _wanda(W: torch.Tensor, stats: InputStats, cfg: PruneConfig, fraction: float) -> torch.Tensor:
+    return W * select_mask(wanda_scores(W, stats.mean_sq), fraction, cfg.pattern, cfg.per_layer)
 
 
-def _sparsegpt(W: torch.Tensor, stats: InputStats, cfg: PruneConfig) -> torch.Tensor:
-    return sparsegpt_prune(W, stats.hessian, cfg.fraction, cfg.pattern, cfg.block_size, cfg.damp, cfg.per_layer)
+def _sparsegpt(W: torch.Tensor, stats: InputStats, cfg: PruneConfig, fraction: float) -> torch.Tensor:
+    return sparsegpt_prune(W, stats.hessian, fraction, cfg.pattern, cfg.block_size, cfg.damp, cfg.per_layer)
 
 
 class Pruner(NamedTuple):
-    prune: Callable[[torch.Tensor, InputStats | None, PruneConfig], torch.Tensor]  # W [out, n] -> pruned W
+    prune: Callable[[torch.Tensor, InputStats | None, PruneConfig, float], torch.Tensor]  # W [out, n] -> pruned
     calibrates: bool  # needs the inputs' statistics
     hessian: bool  # ... including X^T X
 
