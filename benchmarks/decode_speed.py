@@ -36,7 +36,7 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from slmkit import kernels  # noqa: E402
-from slmkit.checkpoint import export_gguf_float  # noqa: E402
+from slmkit.checkpoint import export_gguf  # noqa: E402
 from slmkit.eval.cost import decode_bytes_per_token  # noqa: E402
 from slmkit.eval.machine import measure_read_bandwidth_gbs  # noqa: E402
 from slmkit.generate import GenerationConfig, Timings, generate  # noqa: E402
@@ -198,7 +198,7 @@ def build_engines(lm32, lm16, gguf_dir: Path, n_ctx: int) -> tuple[dict[str, Eng
 def export_f32(lm, folder: Path) -> Path:
     import llama_cpp  # noqa: F401  (fail before exporting 540 MB when llama.cpp is missing)
 
-    path = export_gguf_float(lm.model, lm.tokenizer, folder / "slmkit-f32.gguf", dtype="f32")
+    path = export_gguf(lm.model, lm.tokenizer, folder / "slmkit-f32.gguf", "F32")
     print(f"exported {path.stat().st_size / 1e6:.1f} MB F32 GGUF for llama.cpp", file=sys.stderr)
     return path
 

@@ -19,7 +19,7 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from slmkit.checkpoint import export_gguf_float  # noqa: E402
+from slmkit.checkpoint import export_gguf  # noqa: E402
 from slmkit.eval.data import read_text  # noqa: E402
 from slmkit.eval.perplexity import PerplexityProtocol, perplexity, window_sequences  # noqa: E402
 from slmkit.eval.tasks import encode_pair, evaluate_task, load_task  # noqa: E402
@@ -68,7 +68,7 @@ def main() -> None:
     import llama_cpp
 
     with tempfile.TemporaryDirectory() as tmp:
-        path = export_gguf_float(lm.model, lm.tokenizer, Path(tmp) / "f32.gguf")
+        path = export_gguf(lm.model, lm.tokenizer, Path(tmp) / "f32.gguf", "F32")
         llm = llama_cpp.Llama(str(path), n_ctx=512, n_batch=512, logits_all=True, n_threads=2, verbose=False)
         t0 = time.perf_counter()
         theirs = {"wikitext2": llama_perplexity(llm, lm, args.windows), "arc_easy": llama_arc(llm, lm, args.arc_limit)}

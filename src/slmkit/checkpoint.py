@@ -110,6 +110,8 @@ def export_gguf(model, tokenizer, out: Path, file_type: str = "auto", force: boo
             _check_request(name, have, planned, file_type)
         tensors[name] = (t, have) if have is not None else (ggml.encode_float(t, planned), planned)
     meta = {**gguf_arch_meta(cfg, file_type=ftype.id), **tokenizer_gguf_meta(tokenizer)}
+    if ftype.main not in ("F32", "F16"):
+        meta["general.quantization_version"] = 2  # ggml's block layouts, as llama.cpp's quantizer records them
     with atomic_output(out, force, is_dir=False) as tmp:
         write_gguf(tmp, "llama", meta, tensors)
     return Path(out)
