@@ -17,12 +17,9 @@ Calibration: 128 x 512 tokens of WikiText-2 *valid* (`wikitext2-valid`), never t
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import resource
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -31,10 +28,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
+from rows import fidelity_row, row_parser, run_row  # noqa: E402  (benchmarks/rows.py)
+
 from slmkit.calib import CalibConfig, calibration_tokens  # noqa: E402
 from slmkit.checkpoint import save_checkpoint  # noqa: E402
 from slmkit.eval.data import read_text  # noqa: E402
-from slmkit.eval.fidelity import fidelity, reference_logprobs  # noqa: E402
+from slmkit.eval.fidelity import reference_logprobs  # noqa: E402
 from slmkit.eval.perplexity import PerplexityProtocol, perplexity, window_sequences  # noqa: E402
 from slmkit.info import zero_fractions  # noqa: E402
 from slmkit.loader import load  # noqa: E402
@@ -86,16 +85,7 @@ def quality(lm, row: str, args) -> dict:
         ppl = perplexity(lm.model, lm.tokenizer, text, protocol)["perplexity"]
         return {"perplexity": ppl, "kl_divergence": 0.0, "top1_agreement": 1.0, "reference_perplexity": ppl}
     # the cache holds the reference's log-probabilities for these windows, so the reference model is never run
-    f = fidelity(lm.model, None, lm.tokenizer, lm.tokenizer, text, protocol, cache, REFERENCE)
-    return {k: f[k] for k in ("perplexity", "kl_divergence", "top1_agreement", "reference_perplexity")}
-
-
-def run_row(row: str, args) -> dict:
-    """measure_row in a fresh process (its own peak RSS); its last stdout line is the row as JSON."""
-    cmd = [sys.executable, __file__, "--row", row, "--work", args.work, "--max-windows", str(args.max_windows),
-           "--calib-samples", str(args.calib_samples)]
-    done = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, check=True)
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return fidelity_row(lm, text, protocol, cache, REFERENCE)
 
 
 def table_line(r: dict) -> str:
@@ -104,12 +94,7 @@ def table_line(r: dict) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--max-windows", type=int, default=40, help="WikiText-2 test windows of 512 tokens")
-    parser.add_argument("--calib-samples", type=int, default=128, help="calibration samples of 512 tokens")
-    parser.add_argument("--json", default=None, help="also write the rows here")
-    parser.add_argument("--row", default=None, help=argparse.SUPPRESS)  # internal: measure one row
-    parser.add_argument("--work", default=None, help=argparse.SUPPRESS)
+    parser = row_parser(__doc__.splitlines()[0])
     args = parser.parse_args()
     torch.set_num_threads(2)
     if args.row:
@@ -121,7 +106,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as work:
         args.work = work
         for row in ROWS:
-            rows.append(run_row(row, args))
+            rows.append(run_row(__file__, row, args))
             print(table_line(rows[-1]), flush=True)
     # every row was compared with the same reference (its cached log-probabilities are stored as float32)
     assert all(abs(r["reference_perplexity"] / rows[0]["perplexity"] - 1) < 1e-4 for r in rows), "reference drift"

@@ -19,7 +19,6 @@ persistent buffer held in memory (packed codes, scales, norms, the embedding tab
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import statistics
@@ -31,7 +30,8 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from decode_speed import THREADS, WIKITEXT, Run, common_prefix, paired_ratio, prompt_ids, slmkit_engine  # noqa: E402
+from decode_speed import (THREADS, Run, common_prefix, paired_ratio, parse_args, prompt_ids,  # noqa: E402
+                          slmkit_engine)
 from slmkit.info import weight_bytes  # noqa: E402
 from slmkit.loader import load  # noqa: E402
 from slmkit.quant import QScheme, RTNConfig, quantize_  # noqa: E402
@@ -96,20 +96,6 @@ def print_table(rows: dict, args) -> None:
     print("\nRatios: median over rounds of the decode tok/s ratio measured in the same round. MB in memory: "
           "slmkit.info.weight_bytes (parameters + persistent buffers). int8 / int4: linears packed with the "
           "scheme, embedding table (tied output matrix) 8-bit g32.")
-
-
-def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rounds", type=int, default=5, help="measured rounds after one warm-up (default 5)")
-    parser.add_argument("--new-tokens", type=int, default=128, help="tokens generated per run (default 128)")
-    parser.add_argument("--prompt-tokens", type=int, default=256, help="prompt length in tokens (default 256)")
-    parser.add_argument("--text", type=Path, default=WIKITEXT, help="UTF-8 text the prompt is taken from "
-                        "(default: wikitext-2 raw test in ../shared/data)")
-    parser.add_argument("--json", type=Path, help="also write the results as JSON to this path")
-    args = parser.parse_args(argv)
-    if args.rounds < 1 or args.new_tokens < 2 or args.prompt_tokens < 1:
-        parser.error("need --rounds >= 1, --new-tokens >= 2 and --prompt-tokens >= 1")
-    return args
 
 
 def main(argv=None) -> None:

@@ -21,13 +21,10 @@ Calibration: --calib-samples x 512 tokens of WikiText-2 *valid*, never the score
 
 from __future__ import annotations
 
-import argparse
 import ctypes
 import json
 import os
 import resource
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -36,11 +33,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
+from rows import fidelity_row, row_parser, run_row  # noqa: E402  (benchmarks/rows.py)
+
 from slmkit.backends import load  # noqa: E402
 from slmkit.calib import CalibConfig, calibration_tokens  # noqa: E402
 from slmkit.checkpoint import export_gguf, save_checkpoint  # noqa: E402
 from slmkit.eval.data import read_text  # noqa: E402
-from slmkit.eval.fidelity import fidelity, reference_logprobs  # noqa: E402
+from slmkit.eval.fidelity import reference_logprobs  # noqa: E402
 from slmkit.eval.perplexity import PerplexityProtocol, window_sequences  # noqa: E402
 from slmkit.info import count_parameters  # noqa: E402
 from slmkit.pipeline import apply_step_  # noqa: E402
@@ -128,15 +127,7 @@ def quality(lm, row: str, work: Path, windows: int) -> dict:
         _, _, sequences, firsts = window_sequences(ref.tokenizer, text, protocol)
         reference_logprobs(ref.model, sequences, firsts, work, REFERENCE)
         (work / "reference.done").touch()
-    f = fidelity(lm.model, None, lm.tokenizer, lm.tokenizer, text, protocol, work, REFERENCE)
-    return {k: f[k] for k in ("perplexity", "kl_divergence", "top1_agreement", "reference_perplexity")}
-
-
-def run_row(row: str, args) -> dict:
-    cmd = [sys.executable, __file__, "--row", row, "--work", args.work, "--max-windows", str(args.max_windows),
-           "--calib-samples", str(args.calib_samples)]
-    done = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, check=True)
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return fidelity_row(lm, text, protocol, work, REFERENCE)
 
 
 def table_line(r: dict, base_ppl: float) -> str:
@@ -146,13 +137,8 @@ def table_line(r: dict, base_ppl: float) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--max-windows", type=int, default=40, help="WikiText-2 test windows of 512 tokens")
-    parser.add_argument("--calib-samples", type=int, default=128, help="calibration samples of 512 tokens")
+    parser = row_parser(__doc__.splitlines()[0])
     parser.add_argument("--rows", default=",".join(ROWS), help="comma-separated row names (default: all)")
-    parser.add_argument("--json", default=None, help="also write the rows here")
-    parser.add_argument("--row", default=None, help=argparse.SUPPRESS)  # internal: measure one row
-    parser.add_argument("--work", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(2)
     if args.row:
@@ -167,7 +153,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as work:
         args.work = work
         for row in rows:
-            results.append(run_row(row, args))
+            results.append(run_row(__file__, row, args))
             print(table_line(results[-1], results[-1]["reference_perplexity"]), flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
