@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import json
 import os
-import resource
-import tempfile
 import time
 from pathlib import Path
 
@@ -28,7 +26,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
-from rows import fidelity_row, row_parser, run_row  # noqa: E402  (benchmarks/rows.py)
+from rows import fidelity_row, peak_rss_mb, row_parser, run_rows  # noqa: E402  (benchmarks/rows.py)
 
 from slmkit.calib import CalibConfig, calibration_tokens  # noqa: E402
 from slmkit.checkpoint import save_checkpoint  # noqa: E402
@@ -48,10 +46,6 @@ def step(row: str, calib_samples: int) -> PruneConfig:
     algorithm, shape = row.split()
     sparsity = {"sparsity": 0.5} if shape == "50%" else {"pattern": (2, 4)}
     return PruneConfig(algorithm, **sparsity, calib=CalibConfig(samples=calib_samples))
-
-
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def file_mb(model, tokenizer, folder: Path, sparse: bool) -> float:
@@ -100,18 +94,11 @@ def main() -> None:
     if args.row:
         print(json.dumps(measure_row(args.row, args)))
         return
-    print("| model | zeros | PPL | KL vs dense | top-1 | prune s | peak RSS MB | file MB |\n"
-          "|---|---|---|---|---|---|---|---|", flush=True)
-    rows = []
-    with tempfile.TemporaryDirectory() as work:
-        args.work = work
-        for row in ROWS:
-            rows.append(run_row(__file__, row, args))
-            print(table_line(rows[-1]), flush=True)
+    header = ("| model | zeros | PPL | KL vs dense | top-1 | prune s | peak RSS MB | file MB |\n"
+              "|---|---|---|---|---|---|---|---|")
+    rows = run_rows(__file__, ROWS, args, header, table_line)
     # every row was compared with the same reference (its cached log-probabilities are stored as float32)
     assert all(abs(r["reference_perplexity"] / rows[0]["perplexity"] - 1) < 1e-4 for r in rows), "reference drift"
-    if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=2))
 
 
 if __name__ == "__main__":

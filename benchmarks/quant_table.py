@@ -23,9 +23,8 @@ from __future__ import annotations
 
 import ctypes
 import json
+import math
 import os
-import resource
-import tempfile
 import time
 from pathlib import Path
 
@@ -33,7 +32,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
-from rows import fidelity_row, row_parser, run_row  # noqa: E402  (benchmarks/rows.py)
+from rows import fidelity_row, peak_rss_mb, row_parser, run_rows  # noqa: E402  (benchmarks/rows.py)
 
 from slmkit.backends import load  # noqa: E402
 from slmkit.calib import CalibConfig, calibration_tokens  # noqa: E402
@@ -41,7 +40,7 @@ from slmkit.checkpoint import export_gguf, save_checkpoint  # noqa: E402
 from slmkit.eval.data import read_text  # noqa: E402
 from slmkit.eval.fidelity import reference_logprobs  # noqa: E402
 from slmkit.eval.perplexity import PerplexityProtocol, window_sequences  # noqa: E402
-from slmkit.info import count_parameters  # noqa: E402
+from slmkit.gguf_io import read_header  # noqa: E402
 from slmkit.pipeline import apply_step_  # noqa: E402
 from slmkit.quant import AWQConfig, GPTQConfig, QScheme, RTNConfig  # noqa: E402
 
@@ -56,10 +55,6 @@ LOW_BITS = {"int3": QScheme(3, 32, False), "int2": QScheme(2, 32, False)}
 ROWS = (["F32 base"] + [f"llama.cpp {t}" for t in LLAMA_FTYPES] + ["slmkit RTN Q8_0", "slmkit Q4_K_M"]
         + [f"slmkit {m} Q4_0" for m in ("RTN", "GPTQ", "GPTQ-search", "AWQ", "AWQ+GPTQ")]
         + [f"slmkit {m} {b}" for b in LOW_BITS for m in ("RTN", "GPTQ", "AWQ")])
-
-
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def base_gguf(work: Path) -> Path:
@@ -104,6 +99,11 @@ def build_row(row: str, work: Path, calib_samples: int) -> tuple[Path, str]:
     return save_checkpoint(lm.model, lm.tokenizer, work / "row-ckpt", force=True), "torch"
 
 
+def base_parameters(work: Path) -> int:
+    """Parameters of the F32 base, counted from its GGUF header (every tensor, the tied table once)."""
+    return sum(math.prod(t.shape) for t in read_header(base_gguf(work))[1])
+
+
 def file_bytes(path: Path) -> int:
     return path.stat().st_size if path.is_file() else (path / "model.safetensors").stat().st_size
 
@@ -115,8 +115,7 @@ def measure_row(row: str, args) -> dict:
     result = {"name": row, "build_s": time.perf_counter() - start, "build_peak_rss_mb": peak_rss_mb(),
               "file_mb": file_bytes(path) / 1e6, "evaluated_by": "llama.cpp" if backend == "llamacpp" else "slmkit"}
     lm = load(path, backend=backend, threads=2) if backend == "llamacpp" else load(path)
-    params = count_parameters(load(base_gguf(work)).model)["total"]
-    result["bits_per_weight"] = 8 * file_bytes(path) / params
+    result["bits_per_weight"] = 8 * file_bytes(path) / base_parameters(work)
     return {**result, **quality(lm, row, work, args.max_windows)}
 
 
@@ -147,17 +146,9 @@ def main() -> None:
     rows = [r for r in args.rows.split(",") if r]
     unknown = [r for r in rows if r not in ROWS]
     assert not unknown, f"unknown rows {unknown}; rows: {ROWS}"
-    print("| weights | run by | bits/weight (file) | file MB | PPL | KL vs F32 | top-1 | build s | build peak RSS MB |\n"
-          "|---|---|---|---|---|---|---|---|---|", flush=True)
-    results = []
-    with tempfile.TemporaryDirectory() as work:
-        args.work = work
-        for row in rows:
-            results.append(run_row(__file__, row, args))
-            print(table_line(results[-1], results[-1]["reference_perplexity"]), flush=True)
-    if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=2))
-
+    header = ("| weights | run by | bits/weight (file) | file MB | PPL | KL vs F32 | top-1 | build s | "
+              "build peak RSS MB |\n|---|---|---|---|---|---|---|---|---|")
+    run_rows(__file__, rows, args, header, lambda r: table_line(r, r["reference_perplexity"]))
 
 if __name__ == "__main__":
     main()

@@ -4,10 +4,33 @@ the fidelity figures every row reports against a cached reference."""
 from __future__ import annotations
 
 import json
+import resource
 import subprocess
 import sys
+import tempfile
+from pathlib import Path
 
 FIDELITY_KEYS = ("perplexity", "kl_divergence", "top1_agreement", "reference_perplexity")
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory so far."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def run_rows(script: str, names: list[str], args, header: str, line) -> list[dict]:
+    """Every row in its own process, one after the other, sharing a temporary work folder (args.work);
+    prints the Markdown header, then line(row) as each row finishes; writes the rows to args.json if given."""
+    rows = []
+    with tempfile.TemporaryDirectory() as work:
+        args.work = work
+        print(header, flush=True)
+        for name in names:
+            rows.append(run_row(script, name, args))
+            print(line(rows[-1]), flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=2))
+    return rows
 
 
 def run_row(script: str, row: str, args) -> dict:
