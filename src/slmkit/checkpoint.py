@@ -121,18 +121,18 @@ def _gguf_sources(model) -> tuple[dict[str, torch.Tensor], dict]:
     """The float state with every packed weight replaced by its GGML blocks [out, bytes per row] under
     `NAME.weight`, and {NAME.weight: GGMLType} of those. Refuses schemes no GGML type stores exactly."""
     from .quant import ggml
-    from .quant.packed import PackedWeight
+    from .quant.packed import state_with_packed_as
 
-    state, packed = _contiguous_state(model), {}
-    for name, m in model.named_modules():
-        if isinstance(m, PackedWeight):
-            require(not (model.cfg.layer_n_heads or model.cfg.layer_n_kv_heads or model.cfg.layer_ffn_dims),
-                    "GGUF export of packed weights needs uniform layer widths; export the float model")
-            for buf in ("qweight", "scales", "offsets"):
-                state.pop(f"{name}.{buf}", None)
-            gtype = ggml.check_exact(name, m.scheme)
-            state[f"{name}.weight"] = ggml.encode_codes(m.codes(), m.scales, m.offsets, gtype)
-            packed[f"{name}.weight"] = gtype
+    packed = {}
+
+    def blocks(name, module):
+        packed[f"{name}.weight"] = gtype = ggml.check_exact(name, module.scheme)
+        return {"weight": ggml.encode_codes(module.codes(), module.scales, module.offsets, gtype)}
+
+    state = state_with_packed_as(model, blocks)
+    cfg = model.cfg
+    require(not packed or not (cfg.layer_n_heads or cfg.layer_n_kv_heads or cfg.layer_ffn_dims),
+            "GGUF export of packed weights needs uniform layer widths; export the float model")
     return state, packed
 
 

@@ -39,7 +39,7 @@ from safetensors.torch import save_file
 from .. import convert
 from ..errors import SlmError, require
 from ..files import atomic_output
-from .packed import PackedWeight, QuantLinear
+from .packed import PackedWeight, QuantLinear, state_with_packed_as
 from .scheme import QScheme
 
 SUPPORTED_BITS = (4, 8)
@@ -117,15 +117,8 @@ def _float_linears(model, cfg, quantized: list[str]) -> list[str]:
 def _compressed_state(model) -> dict[str, torch.Tensor]:
     """The model's state dict with each block's packed layer in compressed-tensors parts (name.weight_packed,
     ...) and every other packed table (embedding, output matrix) dequantized to name.weight."""
-    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     blocks = _block_linears(model)
-    for name, module in model.named_modules():
-        if isinstance(module, PackedWeight):
-            for buffer in ("qweight", "scales", "offsets"):
-                state.pop(f"{name}.{buffer}", None)
-            parts = compress(module) if name in blocks else {"weight": module.dequantize()}
-            state.update({f"{name}.{part}": t for part, t in parts.items()})
-    return state
+    return state_with_packed_as(model, lambda name, m: compress(m) if name in blocks else {"weight": m.dequantize()})
 
 
 def _compressed_to_hf(state: dict[str, torch.Tensor], cfg) -> dict[str, torch.Tensor]:

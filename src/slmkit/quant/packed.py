@@ -10,6 +10,7 @@ torch's GEMM, whose cost is then shared by all rows.
 from __future__ import annotations
 
 import dataclasses
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -119,6 +120,19 @@ def quantized_linear(linear: nn.Linear, codes, scales, offsets, scheme: QScheme)
 def quantized_embedding(embedding: nn.Embedding, codes, scales, offsets, scheme: QScheme) -> QuantEmbedding:
     q = QuantEmbedding(embedding.num_embeddings, embedding.embedding_dim, scheme)
     return q.set_codes(codes, scales, offsets)
+
+
+def state_with_packed_as(model: nn.Module, parts: Callable[[str, PackedWeight], dict[str, torch.Tensor]]
+                         ) -> dict[str, torch.Tensor]:
+    """The model's state (detached, contiguous) with each packed module's buffers (qweight, scales, offsets)
+    replaced by parts(name, module) = {suffix: tensor}, stored as NAME.suffix: what an export writes instead."""
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    for name, module in model.named_modules():
+        if isinstance(module, PackedWeight):
+            for buffer in ("qweight", "scales", "offsets"):
+                state.pop(f"{name}.{buffer}", None)
+            state.update({f"{name}.{suffix}": t for suffix, t in parts(name, module).items()})
+    return state
 
 
 def packed_layout(model: nn.Module) -> dict[str, dict]:
