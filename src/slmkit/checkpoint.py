@@ -53,16 +53,32 @@ def export_hf(model, tokenizer, out: Path, force: bool = False) -> Path:
 
     Shared blocks are unrolled and layer-wise widths padded (exactly) so any model becomes a plain layout.
     Packed weights are refused here: export_model writes them in the compressed-tensors format."""
+    refuse_packed(model)
+    hf_state, cfg = float_hf_state(model)
+    return write_hf_folder(out, hf_state, convert.config_to_hf(cfg), tokenizer, cfg, force)
+
+
+def refuse_packed(model) -> None:
+    """SlmError if the model holds packed weights, which a float Hugging Face folder cannot hold."""
     from .quant.packed import PackedWeight
 
     packed = [n for n, m in model.named_modules() if isinstance(m, PackedWeight)]
     require(not packed, f"{packed[0] if packed else ''} holds packed weights, which a float Hugging Face folder "
-            "cannot hold; use slm export --format hf (compressed-tensors)")
+            "cannot hold; use slm export --format hf --type auto (compressed-tensors pack-quantized)")
+
+
+def float_hf_state(model) -> tuple[dict[str, torch.Tensor], ModelConfig]:
+    """The model's float state under transformers' names, unrolled and padded to a plain layout, and the
+    config of that layout."""
     state, cfg = convert.unroll_for_export(_contiguous_state(model), model.cfg)
-    hf_state = convert.state_to_hf(state, cfg)
+    return convert.state_to_hf(state, cfg), cfg
+
+
+def write_hf_folder(out: Path, hf_state: dict, hf_config: dict, tokenizer, cfg: ModelConfig, force: bool) -> Path:
+    """A Hugging Face folder, atomically: model.safetensors, config.json, the tokenizer, generation_config.json."""
     with atomic_output(out, force) as tmp:
         save_file(hf_state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        (tmp / "config.json").write_text(json.dumps(convert.config_to_hf(cfg), indent=2))
+        (tmp / "config.json").write_text(json.dumps(hf_config, indent=2))
         tokenizer.save(tmp)
         gen = {"bos_token_id": cfg.bos_token_id, "eos_token_id": sorted(tokenizer.stop_ids()) or cfg.eos_token_id}
         (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2))
@@ -71,12 +87,18 @@ def export_hf(model, tokenizer, out: Path, force: bool = False) -> Path:
 
 def export_model(model, tokenizer, out: Path, fmt: str, file_type: str = "auto", force: bool = False) -> Path:
     """`slm export`: GGUF (export_gguf) or a Hugging Face folder (float: export_hf; packed weights:
-    compressed-tensors, slmkit.quant.compressed_tensors)."""
+    compressed-tensors, slmkit.quant.compressed_tensors; file_type a sparse format: compressed-tensors'
+    sparse storage of a pruned float model, slmkit.prune.compressed_tensors)."""
     from .quant.packed import PackedWeight
+
+    from .prune.compressed_tensors import SPARSE_FORMATS, export_hf_sparse
 
     if fmt == "gguf":
         return export_gguf(model, tokenizer, Path(out), file_type, force)
-    require(file_type == "auto", "--type applies to GGUF; a Hugging Face folder keeps the model's own weights")
+    if file_type in SPARSE_FORMATS:
+        return export_hf_sparse(model, tokenizer, Path(out), file_type, force)
+    require(file_type == "auto", f"--type {file_type} is a GGUF type; a Hugging Face folder takes auto (float or "
+            f"packed weights as they are) or a sparse format: {', '.join(SPARSE_FORMATS)}")
     if any(isinstance(m, PackedWeight) for m in model.modules()):
         from .quant.compressed_tensors import export_hf_compressed
 

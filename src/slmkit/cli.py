@@ -86,13 +86,16 @@ def _compress_parsers(sub) -> None:
 
 
 def _export_parser(sub) -> None:
+    from .prune.compressed_tensors import SPARSE_FORMATS
     from .quant.ggml import FILE_TYPES
 
     ex = sub.add_parser("export", help="write a model as GGUF (llama.cpp) or a Hugging Face folder")
     _model_args(ex)
     ex.add_argument("--format", choices=["gguf", "hf"], required=True)
-    ex.add_argument("--type", default="auto", choices=["auto", *FILE_TYPES], help="gguf: file type (default auto: "
-                    "the packed weights' own type, F32 for a float model); packed codes are written as they are")
+    ex.add_argument("--type", default="auto", choices=["auto", *FILE_TYPES, *SPARSE_FORMATS],
+                    help="gguf: file type (default auto: the packed weights' own type, F32 for a float model); "
+                    "packed codes are written as they are. hf: auto (float, or packed weights in compressed-tensors' "
+                    "pack-quantized format) or a compressed-tensors sparse format for a pruned float model")
     ex.add_argument("-o", "--out", required=True, help="output .gguf file or Hugging Face folder")
     ex.add_argument("--force", action="store_true", help="replace OUT if it exists")
 

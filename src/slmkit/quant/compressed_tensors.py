@@ -30,15 +30,13 @@ engines quantize only Linear layers.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
 from .. import convert
+from ..checkpoint import write_hf_folder
 from ..errors import SlmError, require
-from ..files import atomic_output
 from .packed import PackedWeight, QuantLinear, state_with_packed_as
 from .scheme import QScheme
 
@@ -55,13 +53,7 @@ def export_hf_compressed(model, tokenizer, out: Path, force: bool = False) -> Pa
     quantized = sorted(k[:-len(".weight_packed")] for k in hf_state if k.endswith(".weight_packed"))
     ignore = _float_linears(model, cfg, quantized)
     hf_config = {**convert.config_to_hf(cfg), "quantization_config": quantization_config(scheme, ignore)}
-    with atomic_output(out, force) as tmp:
-        save_file(hf_state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        (tmp / "config.json").write_text(json.dumps(hf_config, indent=2))
-        tokenizer.save(tmp)
-        gen = {"bos_token_id": cfg.bos_token_id, "eos_token_id": sorted(tokenizer.stop_ids()) or cfg.eos_token_id}
-        (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2))
-    return Path(out)
+    return write_hf_folder(Path(out), hf_state, hf_config, tokenizer, cfg, force)
 
 
 def quantization_config(scheme: QScheme, ignore: list[str]) -> dict:
