@@ -48,12 +48,13 @@ REFERENCE = "F32 base (benchmarks/quant_table.py)"
 LLAMA_FTYPES = {"Q8_0": 7, "Q4_0": 2, "Q4_K_M": 15}
 METHODS = {"RTN": lambda s, cal: [RTNConfig(s, search=False)], "GPTQ": lambda s, cal: [GPTQConfig(s, calib=cal)],
            "GPTQ-search": lambda s, cal: [GPTQConfig(s, calib=cal, search=True)],
+           "GPTQ-search-refit": lambda s, cal: [GPTQConfig(s, calib=cal, search=True, refit=3)],
            "AWQ": lambda s, cal: [AWQConfig(s, calib=cal)],
            "AWQ+GPTQ": lambda s, cal: [AWQConfig(s, quantize=False, calib=cal), GPTQConfig(s, calib=cal)]}
 GGUF_SCHEMES = {"Q8_0": QScheme(8, 32, True), "Q4_0": QScheme(4, 32, True)}
 LOW_BITS = {"int3": QScheme(3, 32, False), "int2": QScheme(2, 32, False)}
 ROWS = (["F32 base"] + [f"llama.cpp {t}" for t in LLAMA_FTYPES] + ["slmkit RTN Q8_0", "slmkit Q4_K_M"]
-        + [f"slmkit {m} Q4_0" for m in ("RTN", "GPTQ", "GPTQ-search", "AWQ", "AWQ+GPTQ")]
+        + [f"slmkit {m} Q4_0" for m in ("RTN", "GPTQ", "GPTQ-search", "GPTQ-search-refit", "AWQ", "AWQ+GPTQ")]
         + [f"slmkit {m} {b}" for b in LOW_BITS for m in ("RTN", "GPTQ", "AWQ")])
 
 

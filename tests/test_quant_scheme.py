@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from slmkit.errors import SlmError
-from slmkit.quant.gptq import gptq_quantize
+from slmkit.quant.gptq import GPTQConfig, gptq_quantize, layer_objective, refit_params
 from slmkit.quant.scheme import (QScheme, dequantize_weight, fp16_round, grouped, pack, packed_width, qparams,
                                  quantize_per_tensor, quantize_weight, search_qparams, unpack)
 
@@ -140,15 +140,15 @@ def test_gptq_beats_rtn_on_the_layer_objective(act_order, static, sym):
     W, X = weights(48, 64, seed=5), correlated_inputs()
     H = 2 * X.T @ X / len(X)
     rtn = output_error(W, X, *quantize_weight(W, scheme), scheme)
-    gptq = output_error(W, X, *gptq_quantize(W, H, scheme, act_order=act_order, static_groups=static,
-                                             block_size=32), scheme)
+    gptq = output_error(W, X, *gptq_quantize(W, H, GPTQConfig(scheme, act_order=act_order,
+                                                        static_groups=static, block_size=32)), scheme)
     assert gptq < 0.75 * rtn
 
 
 def test_gptq_with_identity_hessian_is_rtn():
     scheme = QScheme(4, 16, True)
     W = weights(8, 32, seed=6)
-    codes, scale, _ = gptq_quantize(W, torch.eye(32), scheme, damp=0.0, act_order=False, search=False)
+    codes, scale, _ = gptq_quantize(W, torch.eye(32), GPTQConfig(scheme, damp=0.0, act_order=False))
     rtn_codes, rtn_scale, _ = quantize_weight(W, scheme, search=False)
     assert torch.equal(codes, rtn_codes) and torch.equal(scale, rtn_scale)
 
@@ -160,12 +160,56 @@ def test_gptq_search_weighs_the_hessian_diagonal(act_order):
     scheme = QScheme(4, 16, True)
     W = weights(8, 64, seed=8)
     d = torch.rand(64, generator=torch.Generator().manual_seed(2)) * 4 + 0.1
-    codes, scale, _ = gptq_quantize(W, torch.diag(d), scheme, damp=0.0, act_order=act_order, search=True)
+    codes, scale, _ = gptq_quantize(W, torch.diag(d), GPTQConfig(scheme, damp=0.0, act_order=act_order, search=True))
     want_codes, want_scale, _ = quantize_weight(W, scheme, importance=d, search=True)
     assert torch.equal(codes, want_codes) and torch.equal(scale, want_scale)
-    plain = gptq_quantize(W, torch.diag(d), scheme, damp=0.0, act_order=act_order, search=False)
+    plain = gptq_quantize(W, torch.diag(d), GPTQConfig(scheme, damp=0.0, act_order=act_order))
     weighted = lambda c, s: (d * (dequantize_weight(c, s, None, scheme) - W) ** 2).sum()  # noqa: E731
     assert weighted(codes, scale) < weighted(plain[0], plain[1])
+
+
+@pytest.mark.parametrize("sym", [True, False])
+def test_refit_solves_each_rows_least_squares_exactly(sym):
+    """refit_params against an explicit weighted least squares over one row's basis (before float16 rounding,
+    which moves each parameter by at most half a float16 step)."""
+    scheme = QScheme(3, 16, sym)
+    W, X = weights(6, 64, seed=9), correlated_inputs()
+    H = 2 * X.T @ X / len(X)
+    codes, scales, offsets = quantize_weight(W, scheme, search=False)
+    new_s, new_o = refit_params(W, H, codes, scales, offsets, scheme, rows=4)  # two row chunks
+    L = torch.linalg.cholesky(H.double())  # objective = |L^T (w - V p)|^2
+    for r in range(6):
+        V = torch.zeros(64, 4 * (1 if sym else 2), dtype=torch.float64)  # [n, parameters]
+        for g in range(4):
+            cols = slice(16 * g, 16 * g + 16)
+            if sym:
+                V[cols, g] = codes[r, cols].double() - scheme.mid
+            else:
+                V[cols, 2 * g], V[cols, 2 * g + 1] = codes[r, cols].double(), 1.0
+        p = torch.linalg.lstsq(L.T @ V, L.T @ W[r].double()[:, None]).solution[:, 0]
+        got = new_s[r] if sym else torch.stack([new_s[r], new_o[r]], -1).reshape(-1)
+        assert torch.allclose(got.double(), p, rtol=2e-3, atol=1e-4)
+
+
+@pytest.mark.parametrize("sym", [True, False])
+def test_gptq_refit_rounds_never_raise_the_layer_objective(sym):
+    scheme = QScheme(4, 16, sym)
+    W, X = weights(32, 64, seed=10), correlated_inputs()
+    H = 2 * X.T @ X / len(X)
+    errors = []
+    for rounds in (0, 1, 3):
+        cfg = GPTQConfig(scheme, refit=rounds)
+        damped = H + cfg.damp * torch.diag(H).mean() * torch.eye(64)
+        errors.append(layer_objective(W, damped, gptq_quantize(W, H, cfg), scheme))
+    assert errors[2] <= errors[1] < 0.99 * errors[0]  # measured: 2-5% lower with 1 round
+
+
+def test_gptq_refit_keeps_pruned_zeros():
+    scheme = QScheme(4, 16, True)
+    W, X = weights(8, 32, seed=11), correlated_inputs(512, 32)
+    keep = torch.rand(8, 32, generator=torch.Generator().manual_seed(3)) < 0.5
+    codes, scale, _ = gptq_quantize(W, 2 * X.T @ X / len(X), GPTQConfig(scheme, refit=2), keep_zero=keep)
+    assert (dequantize_weight(codes, scale, None, scheme)[keep] == 0).all()
 
 
 def test_gptq_dead_inputs_and_keep_zero():
@@ -173,8 +217,8 @@ def test_gptq_dead_inputs_and_keep_zero():
     W, X = weights(8, 32, seed=7), correlated_inputs(512, 32)
     X[:, 5] = 0  # an input that is never active
     keep = torch.rand(8, 32, generator=torch.Generator().manual_seed(1)) < 0.5
-    codes, scale, _ = gptq_quantize(W, 2 * X.T @ X / len(X), scheme, keep_zero=keep)
+    codes, scale, _ = gptq_quantize(W, 2 * X.T @ X / len(X), GPTQConfig(scheme), keep_zero=keep)
     deq = dequantize_weight(codes, scale, None, scheme)
     assert (deq[keep] == 0).all() and (deq[:, 5] == 0).all()
     with pytest.raises(SlmError, match="symmetric"):
-        gptq_quantize(W, torch.eye(32), QScheme(4, 16, False), keep_zero=keep)
+        gptq_quantize(W, torch.eye(32), GPTQConfig(QScheme(4, 16, False)), keep_zero=keep)

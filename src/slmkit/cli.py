@@ -78,6 +78,10 @@ def _compress_parsers(sub) -> None:
     q.add_argument("--imatrix", action="store_true", help="rtn: weigh the scale search by calibration activations")
     q.add_argument("--no-act-order", action="store_true", help="gptq: columns in their natural order")
     q.add_argument("--damp", type=float, default=None, help="gptq: Hessian damping (default 0.01)")
+    q.add_argument("--search", action="store_true", help="gptq: also sweep from clip-searched scales (weighted by "
+                   "the Hessian diagonal) and keep whichever has the lower layer error")
+    q.add_argument("--refit", type=int, default=None, help="gptq: rounds of least-squares scale refit, each "
+                   "followed by a sweep with the refitted scales")
     q.add_argument("--alpha", type=float, default=None, help="smoothquant: migration strength (default 0.5)")
     q.add_argument("--kv-bits", type=int, choices=[4, 8], default=None, help="also store the KV cache in 8 or 4 bits")
     _calib_args(q)
@@ -276,7 +280,8 @@ def cmd_quantize(args) -> None:
                      args.group_size if args.group_size is not None else default.group_size, not args.asym)
     calib = CalibConfig(args.calib, args.calib_samples, args.calib_length)
     steps = [make_step(args.method, scheme=scheme.validate(), calib=calib, imatrix=args.imatrix or None, damp=args.damp,
-                       act_order=False if args.no_act_order else None, alpha=args.alpha)]
+                       act_order=False if args.no_act_order else None, alpha=args.alpha,
+                       search=True if args.search else None, refit=args.refit)]
     if args.kv_bits:
         steps.append(make_step("kv_cache", scheme=QScheme(args.kv_bits, 0 if args.kv_bits == 8 else 32, False)))
     print(compress(args.model, steps, args.out, args.force))

@@ -10,6 +10,7 @@ Scales can be searched (a clip search weighted by the Hessian diagonal) rather t
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -22,7 +23,8 @@ from ..modules import LayerFilter, block_groups, set_module
 from ..obs import inverse_cholesky_upper, obs_sweep_, prepare_hessian
 from .packed import quantized_linear
 from .rtn import Q8_TABLES, quantize_tables_
-from .scheme import QScheme, dequantize, grouped, qparams, quantize, search_qparams
+from .scheme import (QScheme, dequantize, dequantize_weight, fp16_round, grouped, qparams, quantize,
+                     search_qparams)
 
 
 @dataclass
@@ -33,7 +35,8 @@ class GPTQConfig:
     static_groups: bool = False  # implied by act_order
     block_size: int = 128  # columns per lazy-update block
     sequential: bool = True  # each block calibrated on the quantized blocks' outputs (one more pass per block)
-    search: bool = False  # clip search for each group's scale, weighted by the Hessian diagonal (imatrix-style)
+    search: bool = False  # also sweep from clip-searched scales (weighted by the Hessian diagonal); keep the better
+    refit: int = 0  # rounds of least-squares refit of the scales for the chosen codes, each followed by a sweep
     keep_zeros: bool = True  # symmetric schemes: weights already exactly zero (pruned) stay exactly zero
     embedding: QScheme | None = Q8_TABLES
     layers: LayerFilter = field(default_factory=LayerFilter)
@@ -43,6 +46,7 @@ class GPTQConfig:
 
     def apply_(self, model: nn.Module, calib: torch.Tensor | None) -> None:
         require(0 <= self.damp < 1 and self.block_size >= 1, f"gptq: damp must be in [0, 1), got {self.damp}")
+        require(self.refit >= 0, f"gptq: refit must be >= 0 rounds, got {self.refit}")
         for i, block, run in layerwise(model, calib, f"gptq {self.scheme.describe()}",
                                          sequential=self.sequential):
             groups = [g for g in block_groups(block) if any(self.layers(f"blocks.{i}.{n}") for n in g.names)]
@@ -59,8 +63,8 @@ def gptq_linears_(root: nn.Module, names: list[str], H: torch.Tensor, cfg: GPTQC
     linears = [root.get_submodule(n) for n in names]
     scheme = cfg.scheme.validate(linears[0].in_features)
     W = torch.cat([m.weight.data.float() for m in linears])  # [sum(out), in]
-    codes, scales, offsets = gptq_quantize(W, H, scheme, cfg.damp, cfg.act_order, cfg.static_groups,
-                                           cfg.block_size, cfg.search, _pruned_zeros(W, scheme, cfg))
+    codes, scales, offsets = gptq_quantize(W, H, dataclasses.replace(cfg, scheme=scheme),
+                                           _pruned_zeros(W, scheme, cfg))
     start = 0
     for name, m in zip(names, linears):
         rows = slice(start, start + m.out_features)
@@ -75,19 +79,44 @@ def _pruned_zeros(W: torch.Tensor, scheme: QScheme, cfg: GPTQConfig) -> torch.Te
     return zeros if cfg.keep_zeros and scheme.symmetric and bool(zeros.any()) else None
 
 
-def gptq_quantize(W: torch.Tensor, H: torch.Tensor, scheme: QScheme, damp: float = 0.01, act_order: bool = True,
-                  static_groups: bool = False, block_size: int = 128, search: bool = False,
-                  keep_zero: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """W [out, n], H [n, n] -> codes [out, n] uint8, scales and offsets [out, n / width].
+def gptq_quantize(W: torch.Tensor, H: torch.Tensor, cfg: GPTQConfig, keep_zero: torch.Tensor | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """W [out, n], H [n, n] -> codes [out, n] uint8, scales and offsets [out, n / width], by cfg's scheme and
+    options. With cfg.search, a sweep from the range's scales and one from the searched scales are both run
+    and the one with the lower layer objective kept (the search helps layers with outlier inputs and can hurt
+    others). With cfg.refit = k: k rounds of refit_params (the best scales for the codes) and a new sweep
+    with those scales fixed, then a last refit; the candidate with the lowest layer objective is returned.
 
     keep_zero [out, n] bool: entries that must stay exactly zero (sparse-aware GPTQ after pruning; needs a
     symmetric scheme, whose grid holds zero)."""
+    scheme = cfg.scheme
     require(keep_zero is None or scheme.symmetric, "sparse-aware GPTQ needs a symmetric scheme (zero on the grid)")
-    n, width = W.shape[1], scheme.width(W.shape[1])
-    W, H = prepare_hessian(W, H, damp)
-    static = act_order or static_groups or width > block_size or block_size % width != 0
-    params = _GroupParams(W, scheme, width, torch.diag(H).clone() if search else None, static)
-    perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(n)
+    W, H = prepare_hessian(W, H, cfg.damp)
+    starts = [_sweep(W, H, cfg, keep_zero, search=s) for s in ((False, True) if cfg.search else (False,))]
+    errors = [layer_objective(W, H, q, scheme) for q in starts]
+    best_err = min(errors)
+    best = starts[errors.index(best_err)]
+    codes = best[0]
+    for round_ in range(cfg.refit):
+        refit = (codes, *refit_params(W, H, codes, *best[1:], scheme))
+        candidates = [refit] + ([_sweep(W, H, cfg, keep_zero, refit[1:])] if round_ < cfg.refit - 1 else [])
+        for cand in candidates:
+            err = layer_objective(W, H, cand, scheme)
+            if err < best_err:
+                best, best_err = cand, err
+        codes = candidates[-1][0]
+    return best
+
+
+def _sweep(W: torch.Tensor, H: torch.Tensor, cfg: GPTQConfig, keep_zero: torch.Tensor | None,
+           given: tuple[torch.Tensor, torch.Tensor | None] | None = None, search: bool = False):
+    """One GPTQ sweep of W under the damped H: codes [out, n], scales, offsets; `given` fixes the (scales,
+    offsets) instead of choosing them; `search` chooses them by the clip search weighted by H's diagonal."""
+    scheme, n = cfg.scheme, W.shape[1]
+    width = scheme.width(n)
+    static = cfg.act_order or cfg.static_groups or width > cfg.block_size or cfg.block_size % width != 0
+    params = _GroupParams(W, scheme, width, torch.diag(H).clone() if search else None, static, given)
+    perm = torch.argsort(torch.diag(H), descending=True) if cfg.act_order else torch.arange(n)
     U = inverse_cholesky_upper(H[perm][:, perm])
     zero_mask = None if keep_zero is None else keep_zero[:, perm].T.contiguous()  # [n, out], swept order
 
@@ -102,23 +131,74 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, scheme: QScheme, damp: float
         codes_t[col] = q
         return dequantize(q, scale, offset, scheme)
 
-    obs_sweep_(W[:, perm], U, fix, params.watch, block_size)
+    obs_sweep_(W[:, perm], U, fix, params.watch, cfg.block_size)
     return codes_t.T.contiguous(), params.scales, params.offsets
+
+
+def layer_objective(W: torch.Tensor, H: torch.Tensor, quantized: tuple, scheme: QScheme) -> float:
+    """tr((W - Q) H (W - Q)^T): the output error GPTQ minimises, for quantized = (codes, scales, offsets)."""
+    D = W - dequantize_weight(*quantized, scheme)  # [out, n]
+    return float(((D @ H) * D).sum())
+
+
+def refit_params(W: torch.Tensor, H: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor,
+                 offsets: torch.Tensor | None, scheme: QScheme, rows: int = 128
+                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The float16 scales (and offsets) that minimise the layer objective for fixed codes: per output row a
+    least-squares problem over all its groups jointly, min_p (w - V p)^T H (w - V p), where V holds each
+    group's code values (and, asymmetric, its indicator for the offset). A small ridge toward the current
+    parameters keeps groups without information (all codes zero) where they are. Row chunks bound memory."""
+    out, n = W.shape
+    G = scales.shape[1]
+    H4 = H.double().reshape(G, n // G, n)  # [G, w, n]
+    new_s, new_o = scales.clone(), None if offsets is None else offsets.clone()
+    for r in range(0, out, rows):
+        V = _basis(codes[r:r + rows], G, scheme)  # [r, G, K, w]
+        cur = scales[r:r + rows, :, None] if offsets is None else torch.stack([scales[r:r + rows],
+                                                                               offsets[r:r + rows]], -1)
+        p = _solve_rows(V, H4, W[r:r + rows].double(), cur.double())  # [r, G, K]
+        p = fp16_round(p.float())
+        new_s[r:r + rows] = torch.where(p[..., 0] == 0, scales[r:r + rows], p[..., 0])
+        if new_o is not None:
+            new_o[r:r + rows] = p[..., 1]
+    return new_s, new_o
+
+
+def _basis(codes: torch.Tensor, G: int, scheme: QScheme) -> torch.Tensor:
+    """codes [r, n] -> V [r, G, K, w]: the value each parameter multiplies (K = 1: scale; 2: scale, offset)."""
+    q = grouped(codes, codes.shape[1] // G).double()  # [r, G, w]
+    if scheme.symmetric:
+        return (q - scheme.mid)[:, :, None]  # [r, G, 1, w]
+    return torch.stack([q, torch.ones_like(q)], 2)  # [r, G, 2, w]
+
+
+def _solve_rows(V: torch.Tensor, H4: torch.Tensor, W: torch.Tensor, cur: torch.Tensor) -> torch.Tensor:
+    """argmin_p (w - V p)^T H (w - V p) + ridge * |p - cur|^2 per row; V [r, G, K, w], H4 [G, w, n], W [r, n]."""
+    r, G, K, w = V.shape
+    VH = torch.einsum("rgki,gin->rgkn", V, H4)  # [r, G, K, n]: each basis vector times H
+    A = torch.einsum("rgkhj,rhlj->rgkhl", VH.reshape(r, G, K, G, w), V).reshape(r, G * K, G * K)
+    b = torch.einsum("rgkn,rn->rgk", VH, W).reshape(r, G * K)
+    ridge = 1e-6 * A.diagonal(dim1=1, dim2=2).mean(-1, keepdim=True).clamp(min=1e-12)  # [r, 1]
+    A = A + torch.diag_embed(ridge.expand(r, G * K))
+    return torch.linalg.solve(A, b + ridge * cur.reshape(r, G * K)).reshape(r, G, K)
 
 
 class _GroupParams:
     """Each group's scale (and offset): chosen up front from the original weights (static), or from the
     error-updated weights when the sweep reaches the group's first column (the block being swept is watched)."""
 
-    def __init__(self, W: torch.Tensor, scheme: QScheme, width: int, importance: torch.Tensor | None, static: bool):
+    def __init__(self, W: torch.Tensor, scheme: QScheme, width: int, importance: torch.Tensor | None, static: bool,
+                 given: tuple[torch.Tensor, torch.Tensor | None] | None = None):
         """importance [n] (the Hessian diagonal): search each group's clip to minimise the error it weighs;
-        None: the range's own scale."""
-        self.scheme, self.width, self.importance, self.static = scheme, width, importance, static
+        None: the range's own scale. given: (scales, offsets) to use as they are."""
+        self.scheme, self.width, self.importance, self.static = scheme, width, importance, static or given is not None
         groups = W.shape[1] // width
         self.scales = torch.ones(W.shape[0], groups)
         self.offsets = None if scheme.symmetric else torch.zeros(W.shape[0], groups)
         self.block, self.block_start = None, 0
-        if static:
+        if given is not None:
+            self.scales, self.offsets = given[0].clone(), None if given[1] is None else given[1].clone()
+        elif static:
             scale, offset = self._choose(grouped(W, width), 0)  # [out, groups, 1]
             self.scales = scale[..., 0]
             if offset is not None:
