@@ -5,7 +5,8 @@ llm-compressor's default, on in slmkit's; damping 0.01 in both) on the same cali
 sequences of --length tokens cut from WikiText-2 *valid* by slmkit (`slmkit.calib.calibration_tokens`), saved
 once and handed to both. Each runs in its own process, one after the other, on 2 threads:
 
-* slmkit: `load(None)` then `quantize_(model, GPTQConfig(QScheme(4, 32, True)), tokens)`;
+* slmkit: `load(None)` then `quantize_(model, GPTQConfig(QScheme(4, 32, True)), tokens)`; with --awq also
+  AWQ's scales then GPTQ (AWQConfig(quantize=False), GPTQConfig), the best Q4_0 row of quant_table.py;
 * llm-compressor: the float model exported by `slm export --format hf` loaded with transformers, then
   `llmcompressor.oneshot(model, dataset=<the same token ids>, recipe=GPTQModifier(W4A16, group 32))`. It lives
   in its own virtual environment (it pins another transformers): pass its python with --peer-python, e.g.
@@ -14,7 +15,7 @@ once and handed to both. Each runs in its own process, one after the other, on 2
 Printed: seconds (the quantization call alone, and the whole process including loading) and peak RSS of each
 process, and the ratios slmkit / llm-compressor.
 
-    python benchmarks/gptq_speed.py [--samples 128] [--length 512] [--peer-python /tmp/lc/bin/python]
+    python benchmarks/gptq_speed.py [--samples 128] [--length 512] [--awq] [--peer-python /tmp/lc/bin/python]
 """
 
 from __future__ import annotations
@@ -57,19 +58,29 @@ print(json.dumps({"quantize_s": t2 - t1, "total_s": t2 - t0,
 '''
 
 
-def run_slmkit(tokens_path: Path) -> dict:
-    """In this process (the caller runs it in a fresh one): load, GPTQ, timings and peak RSS."""
+def slmkit_steps(row: str) -> list:
+    """The steps of an slmkit row: GPTQ alone, or AWQ's scales then GPTQ (quant_table.py's best Q4_0 row)."""
+    from slmkit.quant import AWQConfig, GPTQConfig, QScheme
+
+    scheme = QScheme(4, 32, True)
+    return {"slmkit GPTQ": [GPTQConfig(scheme)],
+            "slmkit AWQ+GPTQ": [AWQConfig(scheme, quantize=False), GPTQConfig(scheme)]}[row]
+
+
+def run_slmkit(tokens_path: Path, row: str) -> dict:
+    """In this process (the caller runs it in a fresh one): load, the row's steps, timings and peak RSS."""
     t0 = time.perf_counter()
     import torch
 
     from slmkit.loader import load
-    from slmkit.quant import GPTQConfig, QScheme, quantize_
+    from slmkit.pipeline import apply_step_
 
     torch.set_num_threads(2)
     lm = load(None)
     tokens = torch.load(tokens_path, weights_only=True)
     t1 = time.perf_counter()
-    quantize_(lm.model, GPTQConfig(QScheme(4, 32, True)), tokens)
+    for step in slmkit_steps(row):
+        apply_step_(lm.model, step, tokens)
     t2 = time.perf_counter()
     return {"quantize_s": t2 - t1, "total_s": t2 - t0,
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
@@ -100,15 +111,17 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=128)
     parser.add_argument("--length", type=int, default=512)
     parser.add_argument("--peer-python", default=None, help="python of a venv with llmcompressor installed")
-    parser.add_argument("--slmkit-row", default=None, help=argparse.SUPPRESS)  # internal: tokens path
+    parser.add_argument("--awq", action="store_true", help="also time slmkit's AWQ+GPTQ (AWQ scales, then GPTQ)")
+    parser.add_argument("--slmkit-row", nargs=2, default=None, help=argparse.SUPPRESS)  # internal: tokens, row
     args = parser.parse_args()
     if args.slmkit_row:
-        print(json.dumps(run_slmkit(Path(args.slmkit_row))))
+        print(json.dumps(run_slmkit(Path(args.slmkit_row[0]), args.slmkit_row[1])))
         return
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         tokens = prepare(work, args.samples, args.length)
-        rows = {"slmkit": last_json([sys.executable, __file__, "--slmkit-row", str(tokens)])}
+        names = ["slmkit GPTQ"] + (["slmkit AWQ+GPTQ"] if args.awq else [])
+        rows = {n: last_json([sys.executable, __file__, "--slmkit-row", str(tokens), n]) for n in names}
         if args.peer_python:
             (work / "peer.py").write_text(PEER)
             rows["llm-compressor"] = last_json([args.peer_python, str(work / "peer.py"), str(work / "hf"), str(tokens)])
@@ -117,8 +130,8 @@ def main() -> None:
     for name, r in rows.items():
         print(f"| {name} | {r['quantize_s']:.0f} | {r['total_s']:.0f} | {r['peak_rss_mb']:.0f} |")
     if "llm-compressor" in rows:
-        a, b = rows["slmkit"], rows["llm-compressor"]
-        print(f"slmkit / llm-compressor: time {a['quantize_s'] / b['quantize_s']:.2f}x, "
+        a, b = rows["slmkit GPTQ"], rows["llm-compressor"]
+        print(f"slmkit GPTQ / llm-compressor GPTQ: time {a['quantize_s'] / b['quantize_s']:.2f}x, "
               f"peak RSS {a['peak_rss_mb'] / b['peak_rss_mb']:.2f}x")
 
 

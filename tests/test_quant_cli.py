@@ -57,6 +57,15 @@ def test_every_method_writes_a_packed_checkpoint(tiny32, calib_text, tmp_path, c
     assert json.loads(info)["weight_bytes"] < float_bytes * (stored_bits + 2) / 32
 
 
+def test_awq_scales_then_gptq_are_two_recorded_steps(tiny32, calib_text, tmp_path, capsys):
+    code, out, err = quantize(capsys, tiny32, tmp_path / "q", "--method", "gptq", "--awq-scales", calib=calib_text)
+    assert code == 0, err
+    steps = loader.load(out.strip()).model.compression
+    assert [s["method"] for s in steps] == ["awq", "gptq"] and steps[0]["quantize"] is False
+    code, _, err = quantize(capsys, tiny32, tmp_path / "r", "--method", "awq", "--awq-scales", calib=calib_text)
+    assert code == 2 and "--awq-scales goes before gptq or rtn" in err and not (tmp_path / "r").exists()
+
+
 def test_kv_bits_are_kept_for_generation(tiny32, calib_text, tmp_path, capsys):
     code, out, err = quantize(capsys, tiny32, tmp_path / "q", "--method", "rtn", "--kv-bits", "4", calib=calib_text)
     assert code == 0, err

@@ -10,7 +10,7 @@ import time
 import torch
 
 from .backends import BACKENDS
-from .errors import SlmError
+from .errors import SlmError, require
 from .loader import DTYPES
 
 
@@ -77,6 +77,8 @@ def _compress_parsers(sub) -> None:
     q.add_argument("--asym", action="store_true", help="asymmetric (scale + offset) instead of symmetric")
     q.add_argument("--imatrix", action="store_true", help="rtn: weigh the scale search by calibration activations")
     q.add_argument("--no-act-order", action="store_true", help="gptq: columns in their natural order")
+    q.add_argument("--awq-scales", action="store_true", help="gptq / rtn: first fold AWQ's activation-aware scales "
+                   "into the weights (an AWQ step that quantizes nothing), then quantize")
     q.add_argument("--damp", type=float, default=None, help="gptq: Hessian damping (default 0.01)")
     q.add_argument("--search", action="store_true", help="gptq: also sweep from clip-searched scales (weighted by "
                    "the Hessian diagonal) and keep whichever has the lower layer error")
@@ -279,9 +281,11 @@ def cmd_quantize(args) -> None:
     scheme = QScheme(args.bits if args.bits is not None else default.bits,
                      args.group_size if args.group_size is not None else default.group_size, not args.asym)
     calib = CalibConfig(args.calib, args.calib_samples, args.calib_length)
-    steps = [make_step(args.method, scheme=scheme.validate(), calib=calib, imatrix=args.imatrix or None, damp=args.damp,
-                       act_order=False if args.no_act_order else None, alpha=args.alpha,
-                       search=True if args.search else None, refit=args.refit)]
+    require(not args.awq_scales or args.method in ("gptq", "rtn"), "--awq-scales goes before gptq or rtn")
+    steps = [make_step("awq", scheme=scheme.validate(), calib=calib, quantize=False)] if args.awq_scales else []
+    steps.append(make_step(args.method, scheme=scheme.validate(), calib=calib, imatrix=args.imatrix or None,
+                           damp=args.damp, act_order=False if args.no_act_order else None, alpha=args.alpha,
+                           search=True if args.search else None, refit=args.refit))
     if args.kv_bits:
         steps.append(make_step("kv_cache", scheme=QScheme(args.kv_bits, 0 if args.kv_bits == 8 else 32, False)))
     print(compress(args.model, steps, args.out, args.force))
