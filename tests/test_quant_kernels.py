@@ -10,7 +10,7 @@ from torch import nn
 
 from slmkit import kernels
 from slmkit.quant.packed import quantized_linear
-from slmkit.quant.scheme import QScheme, quantize_weight
+from slmkit.quant.scheme import QScheme, dequantize_weight, quantize_weight
 
 IN = 384  # divisible by every group size below
 GROUPS = (32, 64, 128, 0, 24, 6)  # 0 = per channel; 24 and 6 are not multiples of the kernel's 16-byte step
@@ -52,6 +52,18 @@ def test_kernel_matches_torch_on_the_dequantized_matrix(scheme, threads):
             y = kernels.packed_matmul(x, layer)
             assert y is not None and y.shape == (rows, out) and y.dtype == torch.float32
             torch.testing.assert_close(y, F.linear(x, w), rtol=1e-4, atol=1e-4)
+
+
+@needs_kernels
+@pytest.mark.parametrize("scheme", SCHEMES, ids=lambda s: s.describe().replace(" ", "-"))
+def test_c_dequantizer_is_torchs_bit_for_bit(scheme, threads):
+    """kernels.dequantize (prefill's matrix) equals scheme.dequantize_weight exactly; 3 bits step aside."""
+    for out in OUTS:
+        layer = packed_layer(scheme, out)
+        want = dequantize_weight(layer.codes(), layer.scales, layer.offsets, scheme)
+        got = kernels.dequantize(layer)
+        assert got is not None and got.dtype == torch.float32 and torch.equal(got, want)
+    assert kernels.dequantize(packed_layer(QScheme(3, 32, True), 5)) is None
 
 
 @needs_kernels

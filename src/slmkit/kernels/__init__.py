@@ -65,6 +65,8 @@ def library() -> ctypes.CDLL | None:
         fn.argtypes, fn.restype = args, None
     lib.gemv_packed.argtypes = [ctypes.c_int, *[ctypes.c_void_p] * 5, *[ctypes.c_int64] * 4, ctypes.c_int]
     lib.gemv_packed.restype = ctypes.c_int
+    lib.dequant_packed.argtypes = [ctypes.c_int, *[ctypes.c_void_p] * 4, *[ctypes.c_int64] * 3, ctypes.c_int]
+    lib.dequant_packed.restype = None
     return lib
 
 
@@ -125,6 +127,22 @@ def packed_matmul(x: torch.Tensor, packed) -> torch.Tensor | None:
                            threads):
             raise MemoryError("slmkit: gemv_packed could not allocate its scratch memory")
     return _launch(x, out, kernel)
+
+
+def dequantize(packed) -> torch.Tensor | None:
+    """The float32 matrix [out, in] of a packed weight (as scheme.dequantize_weight computes it, bit for bit),
+    or None when no kernel applies (other bits or buffer types, another device)."""
+    buffers = packed._buffers
+    q, scales, offsets = buffers["qweight"], buffers["scales"], buffers["offsets"]
+    lib = library() if q.is_cpu else None
+    if lib is None or not _kernel_layout(packed.scheme, packed.in_features, q, scales, offsets):
+        return None
+    out, width = packed.out_features, packed.in_features
+    W = torch.empty(out, width, dtype=torch.float32)
+    lib.dequant_packed(packed.scheme.bits, q.data_ptr(), scales.data_ptr(),
+                       None if offsets is None else offsets.data_ptr(), W.data_ptr(), out, width,
+                       packed.scheme.width(width), _threads(packed.weight_numel))
+    return W
 
 
 def _kernel_layout(scheme, width: int, q: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor | None) -> bool:

@@ -198,3 +198,33 @@ int gemv_packed(int bits, const uint8_t *Q, const uint16_t *scales, const uint16
     free(sums);
     return 0;
 }
+
+/* W[o, i] = scale * (q - mid) (symmetric) or scale * q + offset (asymmetric), float32 [out, in], for the packed
+ * layouts above (8 or 4 bits). The operations are torch's (scheme.dequantize), unfused, so the matrix is the
+ * same bit for bit: prefill and scoring multiply it with torch's GEMM. */
+__attribute__((optimize("fp-contract=off")))
+void dequant_packed(int bits, const uint8_t *Q, const uint16_t *scales, const uint16_t *offsets, float *W,
+                    int64_t out, int64_t in, int64_t group, int threads) {
+    const int64_t groups = in / group, row_bytes = bits == 4 ? in / 2 : in;
+    const int mid = offsets ? 0 : 1 << (bits - 1);
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t o = 0; o < out; o++) {
+        const uint8_t *q = Q + o * row_bytes;
+        float *w = W + o * in;
+        for (int64_t g = 0; g < groups; g++) {
+            const float s = f16_to_f32(scales[o * groups + g]);
+            const float b = offsets ? f16_to_f32(offsets[o * groups + g]) : 0.0f;
+            float *wg = w + g * group;
+            if (bits == 4) {
+                const uint8_t *qg = q + g * group / 2;
+                for (int64_t i = 0; i < group / 2; i++) {
+                    wg[2 * i] = s * (float)((qg[i] & 15) - mid) + b;
+                    wg[2 * i + 1] = s * (float)((qg[i] >> 4) - mid) + b;
+                }
+            } else {
+                const uint8_t *qg = q + g * group;
+                for (int64_t i = 0; i < group; i++) wg[i] = s * (float)(qg[i] - mid) + b;
+            }
+        }
+    }
+}

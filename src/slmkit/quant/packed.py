@@ -45,8 +45,10 @@ class PackedWeight(nn.Module):
         return unpack(self.qweight, self.scheme.bits)  # [out, in]
 
     def dequantize(self) -> torch.Tensor:
-        """The float32 matrix [out, in] these codes stand for."""
-        return dequantize_weight(self.codes(), self.scales, self.offsets, self.scheme)
+        """The float32 matrix [out, in] these codes stand for (slmkit's C dequantizer for 8 and 4 bits, else
+        torch; the same values either way)."""
+        W = kernels.dequantize(self) if not torch.is_grad_enabled() or not self.scales.requires_grad else None
+        return W if W is not None else dequantize_weight(self.codes(), self.scales, self.offsets, self.scheme)
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., in] @ W.T -> [..., out]."""
