@@ -51,37 +51,43 @@ def calibration_tokens(tokenizer, cfg: CalibConfig) -> torch.Tensor:
 
 
 class InputStats:
-    """Running statistics of one input width: X^T X (for the Hessian 2 X^T X / n), sum of squares and
-    absolute maximum per column."""
+    """Running statistics of one input width. With `hessian`: X^T X (for the Hessian 2 X^T X / n; its diagonal
+    gives the mean square per column), which is all GPTQ and SparseGPT read; without: the sum of squares, of
+    absolute values and the absolute maximum per column (Wanda, AWQ, SmoothQuant, importance), and every k-th
+    row kept as a sample (AWQ's loss)."""
 
     def __init__(self, width: int, hessian: bool, keep_every: int = 0):
         self.n = 0
-        self.sq = torch.zeros(width, dtype=torch.float64)
-        self.abs = torch.zeros(width, dtype=torch.float64)
-        self.absmax = torch.zeros(width)
         self.xtx = torch.zeros(width, width) if hessian else None
+        moments = not hessian
+        self.sq = torch.zeros(width, dtype=torch.float64) if moments else None
+        self.abs = torch.zeros(width, dtype=torch.float64) if moments else None
+        self.absmax = torch.zeros(width) if moments else None
         self.keep_every, self.kept = keep_every, []  # every k-th row kept as a sample (AWQ's loss), 0: none
 
     def add(self, x: torch.Tensor, where: str) -> None:
         x = x.detach().reshape(-1, x.shape[-1]).float()  # [rows, width]
-        if not torch.isfinite(x).all():
+        if not torch.isfinite(x.sum()):  # one reduction: any nan or inf makes the sum non-finite
             raise SlmError(f"non-finite calibration activation at the input of {where}")
         self.n += x.shape[0]
-        self.sq += (x * x).sum(0, dtype=torch.float64)
-        self.abs += x.abs().sum(0, dtype=torch.float64)
-        if self.keep_every:
-            self.kept.append(x[::self.keep_every].clone())
-        self.absmax = torch.maximum(self.absmax, x.abs().amax(0))
         if self.xtx is not None:
             self.xtx.addmm_(x.T, x)
+        else:
+            self.sq += (x * x).sum(0, dtype=torch.float64)
+            self.abs += x.abs().sum(0, dtype=torch.float64)
+            self.absmax = torch.maximum(self.absmax, x.abs().amax(0))
+        if self.keep_every:
+            self.kept.append(x[::self.keep_every].clone())
 
     @property
     def mean_sq(self) -> torch.Tensor:
         """E[x^2] per column: the importance of each input column (imatrix); its sqrt is Wanda's norm / sqrt(n)."""
-        return (self.sq / max(self.n, 1)).float()
+        total = self.sq if self.xtx is None else torch.diag(self.xtx).double()
+        return (total / max(self.n, 1)).float()
 
     @property
     def mean_abs(self) -> torch.Tensor:
+        require(self.abs is not None, "mean |x| is not gathered alongside a Hessian (capture(hessian=False))")
         return (self.abs / max(self.n, 1)).float()
 
     @property
@@ -122,12 +128,14 @@ def layerwise(model: nn.Module, tokens: torch.Tensor, description: str, chunk: i
         x = model.embed(tokens).to(model.compute_dtype)  # [N, T, C]
         if model.cfg.embed_scale != 1.0:
             x = x * model.cfg.embed_scale
+    last = len(model.blocks) - 1
     for i in progress(range(len(model.blocks)), description):
         block = model.blocks[i]
         outputs: list[torch.Tensor] = []
         run = _block_runner(model, block, i, x, chunk, outputs)
         yield i, block, run
-        x = run() if sequential or not outputs else outputs[-1]
+        if i < last:  # the last block's outputs feed nothing
+            x = run() if sequential or not outputs else outputs[-1]
 
 
 def _block_runner(model, block, index: int, x: torch.Tensor, chunk: int, outputs: list) -> Callable[[], torch.Tensor]:
