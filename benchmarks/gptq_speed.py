@@ -23,14 +23,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from rows import last_json, peak_rss_mb  # noqa: E402  (benchmarks/rows.py)
 
 PEER = r'''
 import json, resource, sys, time
@@ -58,32 +58,26 @@ print(json.dumps({"quantize_s": t2 - t1, "total_s": t2 - t0,
 '''
 
 
-def slmkit_steps(row: str) -> list:
-    """The steps of an slmkit row: GPTQ alone, or AWQ's scales then GPTQ (quant_table.py's best Q4_0 row)."""
-    from slmkit.quant import AWQConfig, GPTQConfig, QScheme
-
-    scheme = QScheme(4, 32, True)
-    return {"slmkit GPTQ": [GPTQConfig(scheme)],
-            "slmkit AWQ+GPTQ": [AWQConfig(scheme, quantize=False), GPTQConfig(scheme)]}[row]
-
-
 def run_slmkit(tokens_path: Path, row: str) -> dict:
-    """In this process (the caller runs it in a fresh one): load, the row's steps, timings and peak RSS."""
+    """In this process (the caller runs it in a fresh one): load, the row's steps, timings and peak RSS. The
+    rows are quant_table.py's recipes of the same names: GPTQ alone, or AWQ's scales then GPTQ."""
     t0 = time.perf_counter()
     import torch
 
+    from quant_table import METHODS  # benchmarks/quant_table.py
+    from slmkit.calib import CalibConfig
     from slmkit.loader import load
     from slmkit.pipeline import apply_step_
+    from slmkit.quant import QScheme
 
     torch.set_num_threads(2)
     lm = load(None)
     tokens = torch.load(tokens_path, weights_only=True)
     t1 = time.perf_counter()
-    for step in slmkit_steps(row):
-        apply_step_(lm.model, step, tokens)
+    for step in METHODS[row.removeprefix("slmkit ")](QScheme(4, 32, True), CalibConfig()):
+        apply_step_(lm.model, step, tokens)  # the tokens given here are the calibration data
     t2 = time.perf_counter()
-    return {"quantize_s": t2 - t1, "total_s": t2 - t0,
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    return {"quantize_s": t2 - t1, "total_s": t2 - t0, "peak_rss_mb": peak_rss_mb()}
 
 
 def prepare(work: Path, samples: int, length: int) -> Path:
@@ -99,11 +93,6 @@ def prepare(work: Path, samples: int, length: int) -> Path:
     torch.save(tokens, work / "tokens.pt")
     export_hf(lm.model, lm.tokenizer, work / "hf")
     return work / "tokens.pt"
-
-
-def last_json(cmd: list[str]) -> dict:
-    done = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, check=True)
-    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def main() -> None:

@@ -37,6 +37,11 @@ def run_row(script: str, row: str, args) -> dict:
     """`script --row ROW` in a fresh process (its own peak RSS); its last stdout line is the row as JSON."""
     cmd = [sys.executable, script, "--row", row, "--work", args.work, "--max-windows", str(args.max_windows),
            "--calib-samples", str(args.calib_samples)]
+    return last_json(cmd)
+
+
+def last_json(cmd: list[str]) -> dict:
+    """Run cmd; its last stdout line, parsed as JSON."""
     done = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, check=True)
     return json.loads(done.stdout.strip().splitlines()[-1])
 

@@ -22,7 +22,7 @@ CHECKPOINT_FORMAT = 1
 CHECKPOINT_MARKER = "slmkit.json"
 
 
-def _contiguous_state(model) -> dict[str, torch.Tensor]:
+def contiguous_state(model) -> dict[str, torch.Tensor]:
     return {k: v.detach().contiguous() for k, v in model.state_dict().items()}
 
 
@@ -32,7 +32,7 @@ def save_checkpoint(model, tokenizer, out: Path, force: bool = False, sparse_sto
     with enough zeros are stored as bitmask + nonzero values (slmkit.prune.storage; listed under "sparse")."""
     from .quant.packed import packed_layout
 
-    state, sparse = _contiguous_state(model), {}
+    state, sparse = contiguous_state(model), {}
     if sparse_storage:
         from .prune.storage import compress_state
 
@@ -70,8 +70,16 @@ def refuse_packed(model) -> None:
 def float_hf_state(model) -> tuple[dict[str, torch.Tensor], ModelConfig]:
     """The model's float state under transformers' names, unrolled and padded to a plain layout, and the
     config of that layout."""
-    state, cfg = convert.unroll_for_export(_contiguous_state(model), model.cfg)
+    state, cfg = convert.unroll_for_export(contiguous_state(model), model.cfg)
     return convert.state_to_hf(state, cfg), cfg
+
+
+def block_linear_keys(model, cfg: ModelConfig) -> list[str]:
+    """transformers' names of the blocks' float Linear weights in the exported (unrolled) layout `cfg`."""
+    linears = {n.split(".", 2)[2] for n, m in model.named_modules()
+               if n.startswith("blocks.") and isinstance(m, torch.nn.Linear)}
+    ours = {f"blocks.{i}.{n}.weight": torch.empty(0) for i in range(cfg.n_layers) for n in linears}
+    return sorted(convert.state_to_hf(ours, cfg))
 
 
 def write_hf_folder(out: Path, hf_state: dict, hf_config: dict, tokenizer, cfg: ModelConfig, force: bool) -> Path:

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from .. import convert
-from ..checkpoint import float_hf_state, refuse_packed, write_hf_folder
+from ..checkpoint import block_linear_keys, float_hf_state, refuse_packed, write_hf_folder
 from ..errors import require
 
 _BITS = torch.arange(8, dtype=torch.uint8)
@@ -96,10 +96,3 @@ def export_hf_sparse(model, tokenizer, out: Path, fmt: str = "sparse-bitmask", f
     return write_hf_folder(out, hf_state, {**convert.config_to_hf(cfg), "quantization_config": qc}, tokenizer,
                            cfg, force)
 
-
-def block_linear_keys(model, cfg) -> list[str]:
-    """transformers' names of the blocks' Linear weights in the exported (unrolled) layout `cfg`."""
-    linears = {n.split(".", 2)[2] for n, m in model.named_modules()
-               if n.startswith("blocks.") and isinstance(m, torch.nn.Linear)}
-    ours = {f"blocks.{i}.{n}.weight": torch.empty(0) for i in range(cfg.n_layers) for n in linears}
-    return sorted(convert.state_to_hf(ours, cfg))

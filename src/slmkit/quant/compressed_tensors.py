@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 
 from .. import convert
-from ..checkpoint import write_hf_folder
+from ..checkpoint import block_linear_keys, write_hf_folder
 from ..errors import SlmError, require
 from .packed import PackedWeight, QuantLinear, state_with_packed_as
 from .scheme import QScheme
@@ -98,10 +98,7 @@ def _uniform_cfg(cfg):
 
 def _float_linears(model, cfg, quantized: list[str]) -> list[str]:
     """transformers' names of the Linear layers written as float: the output matrix and unquantized ones."""
-    weights = {f"{n}.weight": torch.empty(0) for n, m in model.named_modules()
-               if n.startswith("blocks.") and isinstance(m, torch.nn.Linear)}
-    state, _ = convert.unroll_for_export(weights, cfg)
-    names = sorted(k[:-len(".weight")] for k in convert.state_to_hf(state, cfg))
+    names = [k[:-len(".weight")] for k in block_linear_keys(model, cfg)]
     return ["lm_head"] + [n for n in names if n not in quantized]
 
 

@@ -47,7 +47,7 @@ class PackedWeight(nn.Module):
     def dequantize(self) -> torch.Tensor:
         """The float32 matrix [out, in] these codes stand for (slmkit's C dequantizer for 8 and 4 bits, else
         torch; the same values either way)."""
-        W = kernels.dequantize(self) if not torch.is_grad_enabled() or not self.scales.requires_grad else None
+        W = kernels.dequantize(self)
         return W if W is not None else dequantize_weight(self.codes(), self.scales, self.offsets, self.scheme)
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
@@ -128,7 +128,9 @@ def state_with_packed_as(model: nn.Module, parts: Callable[[str, PackedWeight], 
                          ) -> dict[str, torch.Tensor]:
     """The model's state (detached, contiguous) with each packed module's buffers (qweight, scales, offsets)
     replaced by parts(name, module) = {suffix: tensor}, stored as NAME.suffix: what an export writes instead."""
-    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    from ..checkpoint import contiguous_state
+
+    state = contiguous_state(model)
     for name, module in model.named_modules():
         if isinstance(module, PackedWeight):
             for buffer in ("qweight", "scales", "offsets"):
