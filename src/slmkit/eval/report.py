@@ -24,7 +24,7 @@ from ..errors import SlmError, require
 from ..files import write_atomic
 
 SCHEMA = "slmkit.run/1"
-KINDS = ("eval", "bench")
+KINDS = ("eval", "bench", "train")
 OPTIONAL_PACKAGES = ("transformers", "tokenizers", "safetensors", "gguf", "numpy", "llama-cpp-python")
 QUALITY_METRICS = ("perplexity", "acc", "acc_norm")  # the first one a task has is the one plotted
 LOWER_IS_BETTER = {"perplexity", "mean_nll", "bits_per_byte", "kl_divergence"}

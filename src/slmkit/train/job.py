@@ -1,0 +1,124 @@
+"""`slm train` as a function: model (loaded, or a preset built from scratch), data, the loop, the trained
+checkpoint (its history records the training step) and one run record (schema slmkit.run/1, kind "train").
+
+The run's train state lives beside the output, in OUT.train/ (slmkit.train.state); `resume` continues it.
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..checkpoint import save_checkpoint
+from ..config import preset
+from ..errors import require
+from ..loader import LoadedModel, load
+from ..model import Decoder
+from . import dist
+from .config import TrainConfig
+from .data import load_data
+from .init import describe_init, init_weights_
+from .loop import TrainResult, train
+
+
+@dataclass
+class TrainJob:
+    data: str  # SOURCE: a named corpus, file, folder or hub dataset
+    out: Path  # the trained slmkit checkpoint
+    model: str | None = None  # MODEL to fine-tune (default: the default model), or ...
+    preset: str | None = None  # ... a preset to pretrain from scratch (with `tokenizer`'s vocabulary)
+    tokenizer: str | None = None  # presets: the model whose tokenizer to use (default: the default model's)
+    format: str | None = None  # text | alpaca | chat (None: detected)
+    eval_data: str | None = None  # held-out SOURCE (default: the last 5% of the data)
+    force: bool = False
+    resume: bool = False
+
+    @property
+    def state_dir(self) -> Path:
+        return Path(f"{self.out}.train")
+
+    def check(self) -> "TrainJob":
+        """Refuse, before any work, what would overwrite something or continue the wrong run."""
+        require(not (self.model and self.preset), "give MODEL or --preset, not both")
+        require(self.force or not Path(self.out).exists(), f"{self.out} exists; pass --force to replace it")
+        require(Path(self.out).parent.is_dir() or not str(Path(self.out).parent), f"{Path(self.out).parent}: no such directory")
+        has_state = self.state_dir.is_dir() and any(self.state_dir.iterdir())
+        require(self.resume or self.force or not has_state, f"{self.state_dir} holds a run's checkpoints; pass "
+                "--resume to continue it or --force to start over")
+        return self
+
+
+def build_model(job: TrainJob, seed: int) -> LoadedModel:
+    """The model to train: MODEL as loaded (float32), or `preset` initialised from scratch (init.py) with the
+    vocabulary, special tokens and chat template of `tokenizer`'s model."""
+    if not job.preset:
+        return load(job.model)
+    donor = load(job.tokenizer)
+    tok = donor.tokenizer
+    cfg = preset(job.preset, vocab_size=tok.vocab_size, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    del donor
+    return LoadedModel(init_weights_(Decoder(cfg), seed), tok, f"preset:{job.preset}", "preset", 0)
+
+
+def run_train(job: TrainJob, cfg: TrainConfig, command: list[str], show: bool = True) -> tuple[dict | None, Path]:
+    """Train as `job` and `cfg` say; returns (the run record, or None on processes other than the main one;
+    the output path)."""
+    job.check()
+    cfg.validate()
+    if job.force and not job.resume and job.state_dir.exists():
+        shutil.rmtree(job.state_dir)
+    lm = build_model(job, cfg.seed)
+    data = load_data(job.data, lm.tokenizer, cfg.seq_len, job.format, job.eval_data)
+    require(cfg.seq_len <= lm.model.cfg.max_seq_len, f"--seq-len {cfg.seq_len} exceeds the model's context of "
+            f"{lm.model.cfg.max_seq_len}")
+    result = train(lm.model, data, cfg, job.state_dir, job.resume, show)
+    env = dist.setup(cfg.distributed)
+    model, run = dist.plain_model(lm.model, env), None
+    if env.main:
+        model.compression.append(training_record(cfg, data.info, result, lm.source))
+        save_checkpoint(model, lm.tokenizer, Path(job.out), force=job.force)
+        run = train_run(LoadedModel(model, lm.tokenizer, str(job.out), "slmkit", _size(job.out)), cfg, data.info,
+                        result, command, lm.source)
+    env.barrier()
+    dist.teardown(env)
+    return run, Path(job.out)
+
+
+def _size(folder: Path) -> int:
+    return sum(f.stat().st_size for f in Path(folder).glob("*.safetensors"))
+
+
+def training_record(cfg: TrainConfig, data_info: dict, result: TrainResult, base: str) -> dict:
+    """The training step as the trained model's history records it (beside compression steps)."""
+    return {"method": "train", "base": base, "config": cfg.to_dict(), "data": data_info, "steps": result.steps,
+            "tokens": result.tokens, "final_loss": result.final_loss, "val_loss": result.val_loss}
+
+
+def train_run(lm: LoadedModel, cfg: TrainConfig, data_info: dict, result: TrainResult, command: list[str],
+              base: str) -> dict:
+    from ..eval.cost import peak_rss_mb
+    from ..eval.report import run_envelope
+    from ..eval.run import model_record
+
+    run = run_envelope("train", model_record(lm, "float32"), command)
+    run["protocol"] = {"train": cfg.to_dict(), "data": data_info, "base": base, "threads": torch.get_num_threads(),
+                       "init": describe_init() if base.startswith("preset:") else "loaded weights",
+                       "world_size": dist.setup(cfg.distributed).world}
+    run["results"] = {"train": {"final_loss": result.final_loss, "val_loss": result.val_loss,
+                                "tokens_per_s": result.tokens_per_s, "steps": result.steps, "tokens": result.tokens,
+                                "wall_s": result.wall_s, "stopped": result.stopped, "resumed_from": result.resumed_from,
+                                "loss_curve": result.loss_curve, "val_curve": result.val_curve}}
+    run["cost"] = {"peak_rss_mb": peak_rss_mb()}
+    return run
+
+
+def print_summary(run: dict, out: Path) -> None:
+    r = run["results"]["train"]
+    speed = f"{r['tokens_per_s']:,.0f} tok/s" if r["tokens_per_s"] else "–"
+    val = f"{r['val_loss']:.4f}" if r["val_loss"] is not None else "–"
+    print(f"[trained {r['steps']} steps, {r['tokens']:,} tokens, {speed}; final loss {r['final_loss']:.4f}, "
+          f"val loss {val}; peak RSS {run['cost']['peak_rss_mb']:.0f} MB]", file=sys.stderr)

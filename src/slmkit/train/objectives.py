@@ -1,0 +1,73 @@
+"""Objectives are loss objects, not trainer subclasses: each maps (model, micro-batch) to the SUM of its token
+losses and the number of tokens that count, so the loop can divide by a whole optimizer step's token count.
+
+Later objectives (distillation, QAT, DP) join OBJECTIVES here; the loop does not change.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import SlmError
+
+IGNORE = -100  # label of a position that does not count (prompt, padding)
+
+
+@dataclass(frozen=True)
+class Batch:
+    """One micro-batch: inputs [B, T] and labels [B, T] (the next token, or IGNORE)."""
+
+    inputs: torch.Tensor
+    labels: torch.Tensor
+
+    @property
+    def tokens(self) -> int:
+        """Label positions that count toward the loss."""
+        return int((self.labels != IGNORE).sum())
+
+
+class Objective:
+    """A loss object: `loss_sum(model, batch) -> (summed loss, counted tokens)`; recorded by `name`."""
+
+    name = "objective"
+
+    def loss_sum(self, model, batch: Batch) -> tuple[torch.Tensor, int]:
+        raise NotImplementedError
+
+    def record(self) -> dict:
+        return {"name": self.name, **asdict(self)}
+
+
+@dataclass(frozen=True)
+class NextTokenLoss(Objective):
+    """Next-token cross-entropy, summed over the positions whose label is not IGNORE.
+
+    `lm` (pretraining: every position counts) and `sft` (supervised: only the assistant's tokens count,
+    the mask coming from slmkit.train.data) are the same mathematics over differently masked labels."""
+
+    name: str = "lm"
+
+    def loss_sum(self, model, batch: Batch) -> tuple[torch.Tensor, int]:
+        logits = model(batch.inputs)  # [B, T, V]
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), batch.labels.flatten(), ignore_index=IGNORE,
+                               reduction="sum")
+        return loss, batch.tokens
+
+
+OBJECTIVES = {"lm": lambda: NextTokenLoss("lm"), "sft": lambda: NextTokenLoss("sft")}
+
+
+def objective(name: str) -> Objective:
+    if name not in OBJECTIVES:
+        raise SlmError(f"unknown objective {name!r}; known: {', '.join(OBJECTIVES)}")
+    return OBJECTIVES[name]()
+
+
+def objective_from_record(record: dict) -> Objective:
+    """The loss object a record (Objective.record) was made from."""
+    if not isinstance(record, dict) or record.get("name") not in OBJECTIVES:
+        raise SlmError(f"unknown objective record {record!r}; known: {', '.join(OBJECTIVES)}")
+    return objective(record["name"])
