@@ -18,10 +18,10 @@ OPTIMIZERS = ("adamw", "adafactor", "sgd")
 SCHEDULES = ("cosine", "linear", "constant")
 PRECISIONS = ("float32", "bfloat16", "float16")
 DISTRIBUTED = ("none", "ddp", "fsdp")
-# Fields that may differ between a run and its resumption: they change what is logged or kept, never the
-# weights a step produces (limits decide only where the same trajectory stops).
-RESUMABLE_CHANGES = ("max_steps", "max_tokens", "max_epochs", "max_time_s", "eval_every", "eval_batches",
-                     "save_every", "log_every")
+# Fields that may differ between a run and its resumption: they change what is logged or kept, or where a
+# run stops on the clock, never the weights a step produces. (The step, token and epoch limits set the
+# schedule's length, and so every step's learning rate: they must match.)
+RESUMABLE_CHANGES = ("max_time_s", "eval_every", "eval_batches", "save_every", "log_every")
 
 
 @dataclass

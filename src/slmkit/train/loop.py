@@ -14,6 +14,7 @@ import fnmatch
 import json
 import math
 import random
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -262,10 +263,13 @@ def _save(model, optimizer, env, state_dir: Path, fingerprint: dict, prog: Progr
     env.barrier()
 
 
-def _resume(model, optimizer, env, state_dir: Path | None, fingerprint: dict, prog: Progress) -> int:
+def _resume(model, optimizer, env, state_dir: Path | None, fingerprint: dict, prog: Progress) -> int | None:
     require(state_dir is not None, "--resume needs the run's output (its train state is kept beside it)")
-    folder = state.latest_state(state_dir)
-    require(folder is not None, f"--resume: no complete checkpoint in {state_dir}")
+    folder = state.latest_state(state_dir) if Path(state_dir).is_dir() else None
+    if folder is None:  # killed before its first checkpoint: nothing is lost by starting over
+        if env.main:
+            print(f"[--resume: no complete checkpoint in {state_dir} yet; starting at step 0]", file=sys.stderr)
+        return None
     model_state, optim_state, meta = state.load_state(folder)
     for key, value in fingerprint.items():
         require(meta.get(key) == value, f"--resume: {folder} was written by another {key.replace('_', ' ')} "

@@ -16,6 +16,7 @@ import shutil
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from ..errors import SlmError, require
@@ -58,7 +59,7 @@ def load_state(folder: Path) -> tuple[dict, dict, dict]:
         meta = json.loads((folder / STATE_MARKER).read_text())
         model_state = load_file(str(folder / "model.safetensors"))
         tensors = load_file(str(folder / "optimizer.safetensors"))
-    except (OSError, ValueError, RuntimeError) as exc:
+    except (OSError, ValueError, RuntimeError, SafetensorError) as exc:
         raise SlmError(f"{folder}: corrupt train-state checkpoint ({str(exc).splitlines()[0]})") from None
     require(meta.get("format") == STATE_FORMAT, f"{folder}: train-state format {meta.get('format')!r} is not "
             f"{STATE_FORMAT}")
