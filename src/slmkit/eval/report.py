@@ -1,9 +1,9 @@
-"""Run files (versioned JSON + a Markdown twin), comparison reports and quality/size/latency plots.
+"""Run files (versioned JSON + a Markdown twin), comparison reports, quality/size/latency plots and loss curves.
 
-One `slm eval` or `slm bench` invocation produces one run: `run_envelope()` gives the common part (schema,
+One `slm eval`, `slm bench` or `slm train` invocation produces one run: `run_envelope()` gives the common part (schema,
 model, versions, machine), the caller adds "protocol", "results", "fidelity" and "cost", and `write_run()`
 stores it. `build_report()` reads several runs and writes `report.md` plus PNG plots with the Pareto front
-marked. The schema is documented in docs/run-schema.md.
+marked, and the loss curves of train runs. The schema is documented in docs/run-schema.md.
 """
 
 from __future__ import annotations
@@ -27,8 +27,12 @@ SCHEMA = "slmkit.run/1"
 KINDS = ("eval", "bench", "train")
 OPTIONAL_PACKAGES = ("transformers", "tokenizers", "safetensors", "gguf", "numpy", "llama-cpp-python")
 QUALITY_METRICS = ("perplexity", "acc", "acc_norm")  # the first one a task has is the one plotted
-LOWER_IS_BETTER = {"perplexity", "mean_nll", "bits_per_byte", "kl_divergence"}
+LOWER_IS_BETTER = {"perplexity", "mean_nll", "bits_per_byte", "kl_divergence", "final_loss", "val_loss"}
 COST_COLUMNS = (("decode_tokens_per_s", "decode tok/s"), ("ttft_ms", "TTFT ms"), ("peak_rss_mb", "peak RSS MB"))
+TRAIN_COLUMNS = (("final_loss", "final loss"), ("val_loss", "val loss"), ("tokens_per_s", "train tok/s"))
+CURVES = {"loss_curve": "[step, loss, lr, grad_norm, tokens, seconds]", "val_curve": "[step, val_loss]"}
+CURVE_HEADER = ("step", "loss", "lr", "grad norm", "tokens", "seconds")
+CURVE_ROWS = 10  # rows of the loss curve shown in a train run's Markdown
 SECTIONS = ("model", "protocol", "results", "fidelity", "cost", "versions", "machine")  # objects when present
 MB = 1e6
 
@@ -69,7 +73,30 @@ def validate_run(run: object, where: str = "run") -> dict:
     require(run.get("kind") in KINDS, f"{where}: run kind must be one of {', '.join(KINDS)}, got {run.get('kind')!r}")
     for section in SECTIONS:
         require(isinstance(run.get(section, {}), dict), f"{where}: '{section}' must be an object")
+    if run["kind"] == "train":
+        _check_train(run, where)
     return run
+
+
+def _check_train(run: dict, where: str) -> None:
+    """A train run's results.train is an object, and its curves (when present) are lists of rows of numbers."""
+    train = (run.get("results") or {}).get("train")
+    if train is None:
+        return
+    require(isinstance(train, dict), f"{where}: 'results.train' must be an object")
+    for key, row in CURVES.items():
+        require(key not in train or _is_curve(train[key]),
+                f"{where}: results.train.{key} must be a list of {row} rows of numbers")
+
+
+def _is_curve(value) -> bool:
+    """A list of rows, each a list of at least two numbers (step first); non-finite numbers are allowed."""
+    return isinstance(value, (list, tuple)) and all(
+        isinstance(row, (list, tuple)) and len(row) >= 2 and all(_is_real(x) for x in row) for row in value)
+
+
+def _is_real(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
 def write_run(run: dict, path) -> Path:
@@ -145,14 +172,39 @@ def _results_lines(results: dict | None) -> list[str]:
         metrics = metrics if isinstance(metrics, dict) else {"value": metrics}
         scalars = [k for k, v in metrics.items() if not isinstance(v, dict)]
         ordered = [k for k in QUALITY_METRICS if k in scalars] + [k for k in scalars if k not in QUALITY_METRICS]
-        rows += [[task, k + _direction(k), metrics[k]] for k in ordered]
+        rows += [[task, k + _direction(k), _cell(k, metrics[k])] for k in ordered]
     return ["", "## Results", ""] + _table(["task", "metric", "value"], rows)
 
 
 def _direction(metric: str) -> str:
     if metric in LOWER_IS_BETTER:
         return " (lower is better)"
-    return " (higher is better)" if metric in ("acc", "acc_norm") else ""
+    return " (higher is better)" if metric in ("acc", "acc_norm", "tokens_per_s") else ""
+
+
+def _cell(key: str, value):
+    """A result's table cell; a curve (a `*_curve` list of [step, value, ...] rows) as a one-line summary."""
+    if not key.endswith("_curve") or not _is_curve(value):
+        return value
+    if not value:
+        return "0 points"
+    first, last = value[0], value[-1]
+    return f"{len(value)} points, steps {first[0]:g}–{last[0]:g}, {first[1]:.4g} → {last[1]:.4g}"
+
+
+def _curve_lines(run: dict) -> list[str]:
+    """A train run's loss curve: at most CURVE_ROWS evenly spaced rows, first and last included."""
+    train = (run.get("results") or {}).get("train") if run.get("kind") == "train" else None
+    curve = train.get("loss_curve") if isinstance(train, dict) else None
+    if not _is_curve(curve) or not curve:
+        return []
+    n = len(curve)
+    picks = sorted({round(i * (n - 1) / (CURVE_ROWS - 1)) for i in range(CURVE_ROWS)}) if n > CURVE_ROWS else range(n)
+    width = max(len(curve[i]) for i in picks)
+    rows = [list(curve[i]) + [None] * (width - len(curve[i])) for i in picks]
+    header = list(CURVE_HEADER[:width]) + [f"column {j + 1}" for j in range(len(CURVE_HEADER), width)]
+    note = f"{len(rows)} of {n} logged steps; the full curve is in the JSON run file."
+    return ["", "## Loss curve", "", note, ""] + _table(header, rows)
 
 
 def _protocol_lines(run: dict) -> list[str]:
@@ -170,7 +222,7 @@ def to_markdown(run: dict) -> str:
     lines = [f"# slmkit {run.get('kind', '?')} run: {_model_label(model)}", "",
              f"- schema: `{run.get('schema')}`", f"- created: {run.get('created', '–')}",
              f"- command: `{run.get('command_line') or shlex.join(map(str, run.get('command') or []))}`"]
-    lines += _section("Model", model) + _results_lines(run.get("results"))
+    lines += _section("Model", model) + _results_lines(run.get("results")) + _curve_lines(run)
     lines += _section("Fidelity", run.get("fidelity")) + _section("Cost", run.get("cost")) + _protocol_lines(run)
     known = {"schema", "kind", "created", "command", "command_line", "model", "results", "fidelity", "cost",
              "protocol", "versions", "machine"}
@@ -296,14 +348,25 @@ PLOTS = (("size", "weights (MB)", _size_mb, "model.weight_bytes or model.file_by
 
 
 def plot_runs(runs: list[dict], out_dir, notes: list[str] | None = None) -> list[Path]:
-    """PNGs of quality against weight size and against decode latency, one pair per task, Pareto front
-    marked. A plot without the fields it needs is skipped, with the reason appended to `notes` (printed
-    to stderr when no list is given). Returns the paths written."""
+    """loss-curves.png for train runs with a loss curve, then PNGs of quality against weight size and against
+    decode latency, one pair per task, Pareto front marked. A plot without the fields it needs is skipped,
+    with the reason appended to `notes` (printed to stderr when no list is given). Returns the paths written."""
     entries = _merge_by_model(runs)
     out_dir, written, reasons = Path(out_dir), [], []
     tasks = [t for t in _tasks(entries) if _quality_metric(entries, t)]
-    if not tasks:
-        reasons.append("all plots skipped: no run has results.<task>.perplexity, .acc or .acc_norm")
+    curves = _train_curves(runs, reasons)
+    if curves:
+        written.append(_plot_curves(curves, out_dir / "loss-curves.png"))
+    if not tasks and (not curves or any(r.get("kind") != "train" for r in runs)):
+        reasons.append(f"{'quality' if curves else 'all'} plots skipped: no run has results.<task>.perplexity, "
+                       ".acc or .acc_norm")
+    written += _quality_plots(entries, tasks, out_dir, reasons)
+    _report_notes(reasons, notes)
+    return written
+
+
+def _quality_plots(entries: list[dict], tasks: list[str], out_dir: Path, reasons: list[str]) -> list[Path]:
+    written = []
     for task in tasks:
         metric = _quality_metric(entries, task)
         for name, x_title, x_of, needs in PLOTS:
@@ -314,8 +377,43 @@ def plot_runs(runs: list[dict], out_dir, notes: list[str] | None = None) -> list
                 continue
             path = out_dir / f"{_slug(task)}-vs-{name}.png"
             written.append(_plot(points, path, x_title, task, metric))
-    _report_notes(reasons, notes)
     return written
+
+
+def _train_curves(runs: list[dict], reasons: list[str]) -> list[tuple[str, list, list]]:
+    """(label, loss curve, val curve) of each train run with a loss curve, its curves checked (SlmError);
+    labels that would repeat get the run's position (#n)."""
+    train = [(i, r) for i, r in enumerate(runs) if r.get("kind") == "train"]
+    for i, run in train:
+        _check_train(run, f"run {i + 1} ({_model_label(run.get('model') or {})})")
+    results = [(r.get("results") or {}).get("train") or {} for _, r in train]
+    labels = _labels([r.get("model") or {} for _, r in train])
+    labels = [f"{label} #{i + 1}" if labels.count(label) > 1 else label for (i, _), label in zip(train, labels)]
+    curves = [(label, t["loss_curve"], t.get("val_curve") or []) for label, t in zip(labels, results)
+              if t.get("loss_curve")]
+    if train and not curves:
+        reasons.append("loss curves skipped: no train run has results.train.loss_curve points")
+    return curves
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    from matplotlib import pyplot as plt
+
+    return plt
+
+
+def _save_png(plt, fig, path: Path, draw) -> Path:
+    """Call `draw()`, render `fig` to PNG bytes, close it (also on failure), write the bytes atomically."""
+    try:
+        draw()
+        buffer = io.BytesIO()
+        fig.savefig(buffer, format="png", bbox_inches="tight")
+    finally:
+        plt.close(fig)
+    return write_atomic(path, buffer.getvalue())
 
 
 def _report_notes(reasons: list[str], notes: list[str] | None) -> None:
@@ -327,21 +425,11 @@ def _report_notes(reasons: list[str], notes: list[str] | None) -> None:
 
 
 def _plot(points: list[tuple[float, float, str]], path: Path, x_title: str, task: str, metric: str) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only, no display
-    from matplotlib import pyplot as plt
-
+    plt = _pyplot()
     minimize = metric in LOWER_IS_BETTER
     front = pareto_front([(x, y) for x, y, _ in points], minimize_y=minimize)
     fig, ax = plt.subplots(figsize=(8, 5.5), dpi=120)
-    try:
-        _draw(ax, points, front, x_title, task, metric, minimize)
-        buffer = io.BytesIO()
-        fig.savefig(buffer, format="png", bbox_inches="tight")
-    finally:
-        plt.close(fig)
-    return write_atomic(path, buffer.getvalue())
+    return _save_png(plt, fig, path, lambda: _draw(ax, points, front, x_title, task, metric, minimize))
 
 
 def _draw(ax, points, front: list[int], x_title: str, task: str, metric: str, minimize: bool) -> None:
@@ -363,6 +451,49 @@ def _draw(ax, points, front: list[int], x_title: str, task: str, metric: str, mi
     ax.margins(0.12)
 
 
+def _plot_curves(curves: list[tuple[str, list, list]], path: Path) -> Path:
+    """Training loss (solid) and validation loss (dashed, same colour) against step; below, the learning
+    rate when the curves record it."""
+    plt = _pyplot()
+    has_lr = any(len(row) > 2 for _, loss, _ in curves for row in loss)
+    fig, axes = plt.subplots(2 if has_lr else 1, 1, sharex=True, squeeze=False, figsize=(8, 7 if has_lr else 5),
+                             dpi=120, gridspec_kw={"height_ratios": [3, 1] if has_lr else [1]})
+
+    def draw():
+        _draw_losses(axes[0, 0], curves)
+        if has_lr:
+            _draw_lr(axes[1, 0], curves)
+        axes[-1, 0].set_xlabel("step")
+
+    return _save_png(plt, fig, path, draw)
+
+
+def _column(rows: list, j: int) -> list[float]:
+    """Column j of a curve as floats; missing or non-finite values as NaN (a gap in the line)."""
+    return [float(r[j]) if len(r) > j and math.isfinite(r[j]) else math.nan for r in rows]
+
+
+def _draw_losses(ax, curves: list[tuple[str, list, list]]) -> None:
+    for i, (label, loss, val) in enumerate(curves):
+        color, marker = f"C{i % 10}", "o" if len(loss) == 1 else None
+        ax.plot(_column(loss, 0), _column(loss, 1), "-", color=color, lw=1.3, marker=marker, label=f"{label} train")
+        if val:
+            ax.plot(_column(val, 0), _column(val, 1), "--", color=color, lw=1.3, marker="o", ms=4,
+                    label=f"{label} val")
+    ax.set_ylabel("loss (nats per token, lower is better)")
+    ax.set_title("Training loss (solid) and validation loss (dashed) by step")
+    ax.grid(True, alpha=0.3)
+    ax.legend(loc="best", fontsize=8)
+
+
+def _draw_lr(ax, curves: list[tuple[str, list, list]]) -> None:
+    for i, (label, loss, _) in enumerate(curves):
+        ax.plot(_column(loss, 0), _column(loss, 2), "-", color=f"C{i % 10}", lw=1.3, label=label)
+    ax.set_ylabel("learning rate")
+    ax.ticklabel_format(axis="y", style="sci", scilimits=(-2, 3))
+    ax.grid(True, alpha=0.3)
+
+
 # ----------------------------------------------------------------------------------------- report
 
 
@@ -374,6 +505,7 @@ def _comparison_columns(runs: list[dict]) -> list[tuple[str, callable]]:
     for task in _tasks(entries):
         for metric in QUALITY_METRICS:
             columns.append((f"{task} {metric}", lambda r, t=task, m=metric: _run_metric(r, t, m)))
+    columns += [(header, lambda r, k=key: _train_metric(r, k)) for key, header in TRAIN_COLUMNS]
     columns.append(("KL divergence", lambda r: (r.get("fidelity") or {}).get("kl_divergence")))
     columns += [(header, lambda r, k=key: (r.get("cost") or {}).get(k)) for key, header in COST_COLUMNS]
     columns.append(("ms/token", lambda r: _ms_per_token({"cost": r.get("cost") or {}})))
@@ -383,6 +515,10 @@ def _comparison_columns(runs: list[dict]) -> list[tuple[str, callable]]:
 def _run_metric(run: dict, task: str, metric: str):
     metrics = (run.get("results") or {}).get(task)
     return metrics.get(metric) if isinstance(metrics, dict) else None
+
+
+def _train_metric(run: dict, key: str):
+    return _run_metric(run, "train", key) if run.get("kind") == "train" else None
 
 
 def _protocol_notes(runs: list[dict], names: list[str]) -> list[str]:
@@ -405,8 +541,9 @@ def comparison_markdown(runs: list[dict], names: list[str], plots: list[Path], n
     labels = _labels([r.get("model") or {} for r in runs])
     rows = [[name, run.get("kind"), label, (run.get("model") or {}).get("format"), (run.get("model") or {}).get("dtype")]
             + [get(run) for _, get in columns] for run, name, label in zip(runs, names, labels)]
+    train = " Loss (nats per token): lower is better." if any(h == "final loss" for h, _ in columns) else ""
     lines = ["# slmkit report", "", f"{len(runs)} run(s), schema `{SCHEMA}`. Perplexity, KL divergence, latency "
-             "and memory: lower is better; acc, acc_norm and tok/s: higher is better.", ""]
+             f"and memory: lower is better; acc, acc_norm and tok/s: higher is better.{train}", ""]
     lines += _table(["run", "kind", "model", "format", "dtype"] + [h for h, _ in columns], rows)
     if plots:
         lines += ["", "## Plots"] + [line for p in plots for line in ("", f"![{p.stem}]({p.name})")]
