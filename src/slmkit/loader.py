@@ -80,6 +80,18 @@ def load(spec: str | Path | None = None, dtype: torch.dtype = torch.float32) -> 
     return loaded
 
 
+def load_tokenizer(spec: str | Path | None = None) -> Tokenizer:
+    """The tokenizer (and chat template) of MODEL alone: a GGUF file's header, a folder's tokenizer files;
+    no weights are read."""
+    from .gguf_io import read_header
+
+    path = resolve(None if spec is None else str(spec))
+    if path.is_dir():
+        return Tokenizer.from_folder(path)
+    meta, _, _ = read_header(path)
+    return Tokenizer.from_gguf(meta, path)
+
+
 def build(cfg: ModelConfig, state: dict[str, torch.Tensor], source: str, packed: dict | None = None) -> Decoder:
     """A Decoder from a complete state dict (checked: every tensor present with the configured shape).
 

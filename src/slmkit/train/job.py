@@ -16,7 +16,7 @@ import torch
 from ..checkpoint import save_checkpoint
 from ..config import preset
 from ..errors import require
-from ..loader import LoadedModel, load
+from ..loader import LoadedModel, load, load_tokenizer
 from ..model import Decoder
 from . import dist
 from .config import TrainConfig
@@ -57,10 +57,8 @@ def build_model(job: TrainJob, seed: int) -> LoadedModel:
     vocabulary, special tokens and chat template of `tokenizer`'s model."""
     if not job.preset:
         return load(job.model)
-    donor = load(job.tokenizer)
-    tok = donor.tokenizer
+    tok = load_tokenizer(job.tokenizer)
     cfg = preset(job.preset, vocab_size=tok.vocab_size, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
-    del donor
     return LoadedModel(init_weights_(Decoder(cfg), seed), tok, f"preset:{job.preset}", "preset", 0)
 
 
