@@ -108,7 +108,7 @@ def test_envelope_has_the_common_sections():
     assert run["machine"]["cores"] >= 1 and run["machine"]["cpu_model"]
     json.dumps(run)  # serialisable as is
     with pytest.raises(SlmError, match="kind"):
-        run_envelope("train", {}, [])
+        run_envelope("finetune", {}, [])
 
 
 # -------------------------------------------------------------------------------- write / read
