@@ -142,7 +142,7 @@ def test_failed_write_keeps_the_previous_file(tmp_path):
 def test_write_refuses_a_bad_envelope(tmp_path):
     good = synthetic_run("small", 135, 21.5, 0.41, 80.0)
     for bad, message in [({k: v for k, v in good.items() if k != "schema"}, "no 'schema'"),
-                         (dict(good, kind="train"), "kind"), (dict(good, results=[1]), "'results' must be")]:
+                         (dict(good, kind="finetune"), "kind"), (dict(good, results=[1]), "'results' must be")]:
         with pytest.raises(SlmError, match=message):
             write_run(bad, tmp_path / "run.json")
     with pytest.raises(SlmError, match=".md"):
