@@ -14,7 +14,8 @@ from slmkit.errors import SlmError
 from slmkit.info import zero_fractions
 from slmkit.model import Decoder
 from slmkit.modules import named_linears
-from slmkit.pipeline import step_from_record, step_record
+from slmkit.pipeline import step_record
+from slmkit.steps import step_from_record
 from slmkit.prune import PruneConfig, nm_mask, prune_, sparsegpt_prune, unstructured_mask
 from slmkit.prune.scores import magnitude_scores, select_mask, wanda_scores
 from slmkit.prune.storage import compress_state, expand_state_, pack_bits, unpack_bits

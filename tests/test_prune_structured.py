@@ -16,7 +16,7 @@ from slmkit.config import ModelConfig
 from slmkit.errors import SlmError
 from slmkit.generate import GenerationConfig, generate
 from slmkit.model import Decoder, count_parameters
-from slmkit.pipeline import step_from_record
+from slmkit.steps import step_from_record
 from slmkit.prune import StructuredPruneConfig, parse_count, prune_structured_
 from slmkit.prune.importance import (activation_importance, block_importance, head_scores, keep_heads,
                                      magnitude_importance)

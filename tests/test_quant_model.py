@@ -14,7 +14,8 @@ from slmkit.errors import SlmError
 from slmkit.info import weight_bytes
 from slmkit.model import Decoder
 from slmkit.modules import LayerFilter
-from slmkit.pipeline import step_from_record, step_record
+from slmkit.pipeline import step_record
+from slmkit.steps import step_from_record
 from slmkit.quant import (AWQConfig, GPTQConfig, KVCacheConfig, QScheme, RTNConfig, SmoothQuantConfig,
                           quantize_)
 from slmkit.quant.packed import QuantEmbedding, QuantLinear
@@ -119,7 +120,7 @@ def test_recorded_steps_rerun_to_the_same_model():
                              calib=CalibConfig(samples=8, length=32))
     again = quantized(cfg)
     assert torch.equal(again(tokens(16)), model(tokens(16)))
-    with pytest.raises(SlmError, match="unknown compression step"):
+    with pytest.raises(SlmError, match="unknown pipeline step"):
         step_from_record({"method": "zip"})
     assert step_record(cfg) == record
 

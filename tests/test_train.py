@@ -363,3 +363,25 @@ def test_checkpoints_are_complete_or_absent(tmp_path):
     (tmp_path / "s" / "step-00000004" / "optimizer.safetensors").write_bytes(b"\x00" * 20)
     with pytest.raises(SlmError, match="corrupt train-state"):
         load_state(tmp_path / "s" / "step-00000004")
+
+
+def test_training_is_a_pipeline_step_beside_compression(tmp_path):
+    from slmkit.pipeline import run_pipeline_, step_record
+    from slmkit.quant import RTNConfig
+    from slmkit.steps import step_from_record
+    from slmkit.train.step import TrainStep
+
+    (tmp_path / "a.txt").write_text(" ".join(f"w{3 + i % 50}" for i in range(400)))
+    steps = [TrainStep(str(tmp_path / "a.txt"), train=TrainConfig(max_steps=3, seq_len=16, micro_batch=2, lr=1e-2)),
+             RTNConfig()]
+    model = tiny_model()
+    run_pipeline_(model, word_tokenizer(), steps)
+    assert [r["method"] for r in model.compression] == ["train", "rtn"]
+    record = json.loads(json.dumps(model.compression[0]))
+    assert record["result"]["steps"] == 3 and record["train"]["seq_len"] == 16
+    again = step_from_record(record)
+    assert isinstance(again, TrainStep) and again.train == steps[0].train
+    replay = tiny_model()
+    run_pipeline_(replay, word_tokenizer(), [step_from_record(r) for r in model.compression])
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), replay.state_dict().values()))
+    assert step_record(again)["train"] == record["train"]

@@ -20,6 +20,7 @@ from slmkit.checkpoint import save_checkpoint
 from slmkit.cli import main
 from slmkit.config import ModelConfig
 from slmkit.model import Decoder
+from slmkit.steps import step_from_record
 
 from test_cli import tiny_tokenizer
 
@@ -59,8 +60,10 @@ def test_pretrain_a_preset_then_generate_eval_and_export(tmp_path, donor, capsys
     assert [v[0] for v in r["val_curve"]] == [3, 6] and run["cost"]["peak_rss_mb"] > 0
     assert run["protocol"]["init"].startswith("normal(0, 0.02)") and run["protocol"]["data"]["format"] == "text"
     history = json.loads((out / "slmkit.json").read_text())["compression"]
-    assert [h["method"] for h in history] == ["train"] and history[0]["base"] == "preset:nano-20m"
-    assert history[0]["config"]["objective"] == {"name": "lm"} and history[0]["steps"] == 6
+    assert [h["method"] for h in history] == ["train"] and history[0]["result"]["base"] == "preset:nano-20m"
+    assert history[0]["train"]["objective"] == {"name": "lm"} and history[0]["result"]["steps"] == 6
+    step = step_from_record(history[0])  # the history reads back as a step config that runs again
+    assert step.train.max_steps == 6 and step.train.seq_len == 32 and step.data == SHAKESPEARE
     assert (out.parent / "nano.train").is_dir()
     capsys.readouterr()
     assert main(["generate", str(out), "--prompt", "the", "--max-new-tokens", "4"]) == 0

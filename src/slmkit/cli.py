@@ -316,7 +316,8 @@ def cmd_bench(args) -> None:
 
 def cmd_quantize(args) -> None:
     from .calib import CalibConfig
-    from .pipeline import compress, make_step
+    from .pipeline import compress
+    from .steps import make_step
     from .quant.scheme import QScheme
 
     _set_threads(args)
@@ -337,7 +338,8 @@ def cmd_quantize(args) -> None:
 def cmd_prune(args) -> None:
     """Unstructured / N:M pruning (--method, --sparsity | --pattern); structured pruning takes its own branch."""
     from .calib import CalibConfig
-    from .pipeline import compress, make_step
+    from .pipeline import compress
+    from .steps import make_step
     from .prune import parse_pattern
 
     if args.structured or args.ratio is not None or args.target_params is not None:
@@ -363,7 +365,8 @@ def _prune_structured(args) -> None:
     """slm prune --structured AXIS --ratio R | --target-params N: a smaller dense model (slmkit.prune.structured)."""
     from .calib import CalibConfig
     from .errors import require
-    from .pipeline import compress, make_step
+    from .pipeline import compress
+    from .steps import make_step
 
     require(args.structured is not None, "--ratio and --target-params need --structured AXIS")
     unstructured = {"--method": args.method, "--sparsity": args.sparsity, "--pattern": args.pattern,

@@ -18,11 +18,13 @@ from ..config import preset
 from ..errors import require
 from ..loader import LoadedModel, load, load_tokenizer
 from ..model import Decoder
+from ..pipeline import step_record
 from . import dist
 from .config import TrainConfig
 from .data import load_data
 from .init import describe_init, init_weights_
 from .loop import TrainResult, train
+from .step import TrainStep, summary
 
 
 @dataclass
@@ -77,7 +79,8 @@ def run_train(job: TrainJob, cfg: TrainConfig, command: list[str], show: bool = 
     env = dist.setup(cfg.distributed)
     model, run = dist.plain_model(lm.model, env), None
     if env.main:
-        model.compression.append(training_record(cfg, data.info, result, lm.source))
+        step = TrainStep(job.data, job.format, job.eval_data, cfg, summary(result, data, lm.source))
+        model.compression.append(step_record(step))
         save_checkpoint(model, lm.tokenizer, Path(job.out), force=job.force)
         run = train_run(LoadedModel(model, lm.tokenizer, str(job.out), "slmkit", _size(job.out)), cfg, data.info,
                         result, command, lm.source)
@@ -88,12 +91,6 @@ def run_train(job: TrainJob, cfg: TrainConfig, command: list[str], show: bool = 
 
 def _size(folder: Path) -> int:
     return sum(f.stat().st_size for f in Path(folder).glob("*.safetensors"))
-
-
-def training_record(cfg: TrainConfig, data_info: dict, result: TrainResult, base: str) -> dict:
-    """The training step as the trained model's history records it (beside compression steps)."""
-    return {"method": "train", "base": base, "config": cfg.to_dict(), "data": data_info, "steps": result.steps,
-            "tokens": result.tokens, "final_loss": result.final_loss, "val_loss": result.val_loss}
 
 
 def train_run(lm: LoadedModel, cfg: TrainConfig, data_info: dict, result: TrainResult, command: list[str],
