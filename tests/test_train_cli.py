@@ -185,3 +185,14 @@ def test_existing_output_and_resume_of_another_run(tmp_path, donor):
     assert all(torch.equal(before[k], v) for k, v in weights(tmp_path / "kept").items())
     forced = slm(*args, "-o", tmp_path / "kept", "--force")
     assert forced.returncode == 0
+
+
+@pytest.mark.parametrize("name", ["tiny", "nano-20m", "mobilellm-50m", "openelm-style-100m"])
+def test_every_preset_pretrains_and_exports(tmp_path, donor, name, capsys):
+    out = tmp_path / name
+    assert main(["train", "--preset", name, "--tokenizer", str(donor), "--data", SHAKESPEARE, "--seq-len", "16",
+                 "--batch-size", "1", "--steps", "2", "--lr", "1e-3", "-o", str(out)]) == 0, capsys.readouterr().err
+    saved = json.loads((out / "slmkit.json").read_text())["config"]
+    assert saved["share_blocks"] == (2 if name == "mobilellm-50m" else 1)
+    assert bool(saved["layer_ffn_dims"]) == (name == "openelm-style-100m")
+    assert main(["export", str(out), "--format", "hf", "-o", str(tmp_path / f"{name}-hf")]) == 0

@@ -93,6 +93,8 @@ def _train_parser(sub) -> None:
     t.add_argument("--distributed", choices=DISTRIBUTED, default="none", help="ddp or fsdp, under torchrun")
     t.add_argument("--trainable", default=None, help="comma-separated glob patterns of parameters that train "
                    "(default: all)")
+    t.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where the model trains (cuda: under "
+                   "torchrun, each process's LOCAL_RANK device)")
     t.add_argument("--threads", type=int, default=None)
     t.add_argument("--json", default=None, help="write the run here (and a Markdown twin)")
     t.add_argument("-o", "--out", required=True, help="output slmkit checkpoint folder")
@@ -397,7 +399,7 @@ def cmd_train(args) -> None:
 
     _set_threads(args)
     job = TrainJob(args.data, Path(args.out), args.model, args.preset, args.tokenizer, args.format, args.eval_data,
-                   args.force, args.resume)
+                   args.force, args.resume, args.device)
     supervised = args.format in ("alpaca", "chat") or (args.format is None and _detect(args.data) != "text")
     lr = args.lr if args.lr is not None else (3e-4 if args.preset else 2e-5)
     trainable = tuple(p.strip() for p in args.trainable.split(",") if p.strip()) if args.trainable else ("*",)

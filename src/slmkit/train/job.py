@@ -6,6 +6,7 @@ The run's train state lives beside the output, in OUT.train/ (slmkit.train.state
 
 from __future__ import annotations
 
+import os
 import shutil
 import sys
 from dataclasses import dataclass
@@ -38,6 +39,7 @@ class TrainJob:
     eval_data: str | None = None  # held-out SOURCE (default: the last 5% of the data)
     force: bool = False
     resume: bool = False
+    device: str = "cpu"  # cpu | cuda (under torchrun: the process's LOCAL_RANK device)
 
     @property
     def state_dir(self) -> Path:
@@ -46,6 +48,8 @@ class TrainJob:
     def check(self) -> "TrainJob":
         """Refuse, before any work, what would overwrite something or continue the wrong run."""
         require(not (self.model and self.preset), "give MODEL or --preset, not both")
+        require(self.device in ("cpu", "cuda"), f"--device must be cpu or cuda, got {self.device!r}")
+        require(self.device == "cpu" or torch.cuda.is_available(), "--device cuda: no CUDA device is available")
         require(self.force or not Path(self.out).exists(), f"{self.out} exists; pass --force to replace it")
         require(Path(self.out).parent.is_dir() or not str(Path(self.out).parent), f"{Path(self.out).parent}: no such directory")
         has_state = self.state_dir.is_dir() and any(self.state_dir.iterdir())
@@ -75,10 +79,12 @@ def run_train(job: TrainJob, cfg: TrainConfig, command: list[str], show: bool = 
     data = load_data(job.data, lm.tokenizer, cfg.seq_len, job.format, job.eval_data)
     require(cfg.seq_len <= lm.model.cfg.max_seq_len, f"--seq-len {cfg.seq_len} exceeds the model's context of "
             f"{lm.model.cfg.max_seq_len}")
+    lm.model.to(_device(job.device))
     result = train(lm.model, data, cfg, job.state_dir, job.resume, show)
     env = dist.setup(cfg.distributed)
     model, run = dist.plain_model(lm.model, env), None
     if env.main:
+        model.cpu()
         step = TrainStep(job.data, job.format, job.eval_data, cfg, summary(result, data, lm.source))
         model.compression.append(step_record(step))
         save_checkpoint(model, lm.tokenizer, Path(job.out), force=job.force)
@@ -87,6 +93,10 @@ def run_train(job: TrainJob, cfg: TrainConfig, command: list[str], show: bool = 
     env.barrier()
     dist.teardown(env)
     return run, Path(job.out)
+
+
+def _device(kind: str) -> torch.device:
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if kind == "cuda" else torch.device("cpu")
 
 
 def _size(folder: Path) -> int:

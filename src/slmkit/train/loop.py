@@ -156,11 +156,11 @@ def backward_step(runner, objective: Objective, batches: list[Batch], env=None, 
     env = env or dist.DistEnv()
     total = int(env.all_sum(float(sum(b.tokens for b in batches))))
     require(total > 0, "a training step has no token to learn from (every label is masked)")
-    loss_sum = 0.0
+    loss_sum, device = 0.0, _device(runner)
     for i, batch in enumerate(batches):
         with dist.grad_sync(runner, env, i == len(batches) - 1):
-            with autocast(precision, _device(runner)):
-                part, _ = objective.loss_sum(runner, batch)
+            with autocast(precision, device):
+                part, _ = objective.loss_sum(runner, batch.to(device))
             scaled = part * (env.world / total)
             (scaler.scale(scaled) if scaler is not None else scaled).backward()
         loss_sum += part.item()
@@ -179,8 +179,8 @@ def evaluate(runner, data: TrainData, cfg: TrainConfig, env=None) -> float | Non
     was_training = runner.training
     runner.eval()
     for chunk in chunks[env.rank::env.world]:
-        batch = data.val.batch(chunk)
-        with autocast(cfg.precision, _device(runner)):
+        batch = data.val.batch(chunk).to(_device(runner))
+        with autocast(cfg.precision, batch.inputs.device):
             part, count = cfg.objective.loss_sum(runner, batch)
         loss_sum, tokens = loss_sum + part.item(), tokens + count
     runner.train(was_training)

@@ -23,6 +23,11 @@ class Batch:
     inputs: torch.Tensor
     labels: torch.Tensor
 
+    def to(self, device: torch.device) -> "Batch":
+        if self.inputs.device == device:
+            return self
+        return Batch(self.inputs.to(device, non_blocking=True), self.labels.to(device, non_blocking=True))
+
     @property
     def tokens(self) -> int:
         """Label positions that count toward the loss."""
