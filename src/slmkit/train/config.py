@@ -66,7 +66,7 @@ class TrainConfig:
                     f"{name.replace('_', '-')} must be a positive integer, got {getattr(self, name)}")
         require(self.weight_decay >= 0 and self.eps > 0 and 0 <= self.min_lr_ratio <= 1 and self.momentum >= 0,
                 "weight decay and momentum must be >= 0, eps > 0, min_lr_ratio in [0, 1]")
-        require(all(0 <= b < 1 for b in self.betas) and len(self.betas) == 2, f"betas must be two numbers in [0, 1)")
+        require(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "betas must be two numbers in [0, 1)")
         require(self.warmup_steps >= 0 and self.eval_every >= 0 and self.save_every >= 0 and self.log_every > 0
                 and self.eval_batches > 0, "warmup, eval and save intervals must be >= 0 (log_every, eval_batches > 0)")
         require(self.clip is None or self.clip > 0, f"clip must be positive, got {self.clip}")
