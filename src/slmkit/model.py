@@ -17,6 +17,7 @@ from torch import nn
 
 from . import kernels
 from .config import ModelConfig, RopeScaling, head_dim_scale
+from .losses import IGNORE, linear_cross_entropy
 
 ACTIVATION_FNS = {"silu": F.silu, "gelu": F.gelu, "gelu_tanh": partial(F.gelu, approximate="tanh"), "relu": F.relu}
 
@@ -134,8 +135,9 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(layer, pos, k, v)  # [B, K, S, D]
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=False, scale=self.scale,
-                                           enable_gqa=self.n_heads != self.n_kv_heads)  # [B, H, T, D]
+        # mask None: plain causal attention over a fresh sequence (T > 1), or one query that sees every key
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
+                                           scale=self.scale, enable_gqa=self.n_heads != self.n_kv_heads)  # [B, H, T, D]
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))  # [B, T, C]
 
 
@@ -213,8 +215,9 @@ class Decoder(nn.Module):
         return KVCache(self.cfg, batch, max_len, self.compute_dtype, self.device)
 
     def forward(self, tokens: torch.Tensor, cache: KVCache | None = None, pos: int = 0,
-                last_only: bool = False) -> torch.Tensor:
-        """tokens [B, T] at positions pos..pos+T -> logits [B, T, V] (or [B, 1, V] with last_only)."""
+                last_only: bool = False, labels: torch.Tensor | None = None) -> torch.Tensor:
+        """tokens [B, T] at positions pos..pos+T -> logits [B, T, V] (or [B, 1, V] with last_only). With labels
+        [B, T] (each position's next token, or losses.IGNORE): the summed cross-entropy instead, for training."""
         cfg, T = self.cfg, tokens.shape[1]
         if pos + T > cfg.max_seq_len:
             raise ValueError(f"sequence of {pos + T} tokens exceeds the model's context of {cfg.max_seq_len}")
@@ -229,7 +232,18 @@ class Decoder(nn.Module):
             x = block(x, ropes[block.sliding], masks[block.sliding], cache, layer, pos)
         if last_only:
             x = x[:, -1:]  # [B, 1, C]
+        if labels is not None:
+            return self.loss_sum(self.norm(x), labels)
         return self.project(self.norm(x))  # [B, T, V]
+
+    def loss_sum(self, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Final hidden states [B, T, C] and labels [B, T] -> the summed next-token cross-entropy; a float output
+        matrix is applied in chunks (losses.linear_cross_entropy), so the [B, T, V] logits are never held."""
+        head = self.output_module
+        if isinstance(head, (nn.Linear, nn.Embedding)):
+            return linear_cross_entropy(x.flatten(0, 1), head.weight, labels.flatten())  # [B*T, C], [B*T]
+        logits = self.project(x)  # [B, T, V]
+        return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE, reduction="sum")
 
     def project(self, x: torch.Tensor) -> torch.Tensor:
         """Final hidden states [..., C] -> logits [..., V] through the output matrix (tied or not, float or packed)."""
@@ -245,9 +259,11 @@ class Decoder(nn.Module):
 def attention_mask(T: int, pos: int, window: int | None, device=None) -> torch.Tensor | None:
     """Boolean [T, pos+T] mask (True = attend) for causal attention, optionally limited to a sliding window.
 
-    None when every query may see every cached key (single-token decode without a binding window)."""
+    None when no mask is needed: one query that may see every cached key (decode without a binding window),
+    or plain causal attention over a fresh sequence (pos 0, no binding window), which attention then runs
+    with is_causal (the fused kernels skip the masked half instead of reading a mask)."""
     S = pos + T
-    if T == 1 and (window is None or S <= window):
+    if (T == 1 or pos == 0) and (window is None or S <= window):
         return None
     q_idx = torch.arange(pos, S, device=device)[:, None]  # [T, 1]
     k_idx = torch.arange(S, device=device)[None, :]  # [1, S]

@@ -88,10 +88,10 @@ def measure_read_bandwidth_gbs(nbytes: int = PROBE_BYTES) -> float:
     return probe.numel() * probe.element_size() / best_time(probe.sum) / 1e9
 
 
-def measure_matmul_gflops(n: int = MATMUL_SIZE) -> float:
-    """float32 matrix-multiply throughput in GFLOP/s (2 n^3 FLOPs per n x n product)."""
+def measure_matmul_gflops(n: int = MATMUL_SIZE, dtype: torch.dtype = torch.float32) -> float:
+    """Matrix-multiply throughput in GFLOP/s (2 n^3 FLOPs per n x n product), float32 unless told."""
     gen = torch.Generator().manual_seed(0)
-    a, b = torch.randn(n, n, generator=gen), torch.randn(n, n, generator=gen)
+    a, b = torch.randn(n, n, generator=gen).to(dtype), torch.randn(n, n, generator=gen).to(dtype)
     return 2 * n**3 / best_time(lambda: torch.mm(a, b)) / 1e9
 
 

@@ -9,11 +9,9 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 import torch
-import torch.nn.functional as F
 
 from ..errors import SlmError
-
-IGNORE = -100  # label of a position that does not count (prompt, padding)
+from ..losses import IGNORE  # noqa: F401  (re-exported: the label of a position that does not count)
 
 
 @dataclass(frozen=True)
@@ -56,10 +54,7 @@ class NextTokenLoss(Objective):
     name: str = "lm"
 
     def loss_sum(self, model, batch: Batch) -> tuple[torch.Tensor, int]:
-        logits = model(batch.inputs)  # [B, T, V]
-        loss = F.cross_entropy(logits.flatten(0, 1).float(), batch.labels.flatten(), ignore_index=IGNORE,
-                               reduction="sum")
-        return loss, batch.tokens
+        return model(batch.inputs, labels=batch.labels), batch.tokens  # the logits are never held whole
 
 
 OBJECTIVES = {"lm": lambda: NextTokenLoss("lm"), "sft": lambda: NextTokenLoss("sft")}
