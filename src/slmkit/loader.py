@@ -146,9 +146,10 @@ def _load_checkpoint(folder: Path) -> LoadedModel:
     model = build(cfg, tensors, str(folder), meta.get("packed"))
     model.compression = list(meta.get("compression", []))
     if meta.get("kv_cache"):
+        from .quant.kvcache import use_quantized_cache_
         from .quant.scheme import QScheme
 
-        model.kv_scheme = QScheme(**meta["kv_cache"])
+        use_quantized_cache_(model, QScheme(**meta["kv_cache"]))
     return LoadedModel(model, Tokenizer.from_folder(folder), str(folder), "slmkit", size)
 
 

@@ -181,6 +181,7 @@ class Decoder(nn.Module):
         self.cfg = cfg.validate()
         self.compression: list[dict] = []  # the compression steps applied, as data (see slmkit.pipeline)
         self.kv_scheme = None  # a QScheme: the KV cache is stored quantized (see slmkit.quant.kvcache)
+        self.cache_type = KVCache  # what new_cache makes: (cfg, batch, max_len, dtype, device) -> a cache
         self.embed = nn.Embedding(cfg.vocab_size, cfg.dim)
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_stored_layers))
         self.norm = make_norm(cfg, cfg.dim)
@@ -208,11 +209,7 @@ class Decoder(nn.Module):
 
     def new_cache(self, batch: int = 1, max_len: int | None = None) -> KVCache:
         max_len = max_len or self.cfg.max_seq_len
-        if self.kv_scheme is not None:
-            from .quant.kvcache import QuantKVCache
-
-            return QuantKVCache(self.cfg, batch, max_len, self.kv_scheme, self.compute_dtype, self.device)
-        return KVCache(self.cfg, batch, max_len, self.compute_dtype, self.device)
+        return self.cache_type(self.cfg, batch, max_len, self.compute_dtype, self.device)
 
     def forward(self, tokens: torch.Tensor, cache: KVCache | None = None, pos: int = 0,
                 last_only: bool = False, labels: torch.Tensor | None = None) -> torch.Tensor:

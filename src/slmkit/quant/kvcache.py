@@ -1,12 +1,13 @@
 """KV-cache quantization: keys and values stored as int8 or int4 codes, per token and head, in groups along
 the head dimension, with float16 scales (and offsets, asymmetric). Generation uses it through
-`Decoder.new_cache()` once `model.kv_scheme` is set (by `KVCacheConfig`, a pipeline step that changes no
-weight). Memory per cached token and layer: 2 x kv_heads x (head_dim x bits / 8 + groups x 2 [x 2]) bytes.
+`Decoder.new_cache()` once `use_quantized_cache_` has set `model.kv_scheme` and `model.cache_type` (the
+`KVCacheConfig` pipeline step, which changes no weight, and the loader of a checkpoint that records a scheme). Memory per cached token and layer: 2 x kv_heads x (head_dim x bits / 8 + groups x 2 [x 2]) bytes.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import partial
 from typing import ClassVar
 
 import torch
@@ -27,7 +28,13 @@ class KVCacheConfig:
     def apply_(self, model: nn.Module, calib: torch.Tensor | None) -> None:
         require(self.scheme.bits in (4, 8), f"KV-cache quantization supports 8 and 4 bits, got {self.scheme.bits}")
         self.scheme.validate(model.cfg.head_size)
-        model.kv_scheme = self.scheme
+        use_quantized_cache_(model, self.scheme)
+
+
+def use_quantized_cache_(model: nn.Module, scheme: QScheme) -> None:
+    """From now on model.new_cache() makes a QuantKVCache with `scheme` (recorded in the checkpoint)."""
+    model.kv_scheme = scheme
+    model.cache_type = partial(QuantKVCache, scheme=scheme)
 
 
 class _Store:
@@ -48,7 +55,7 @@ class QuantKVCache:
     """Drop-in for model.KVCache: `update` stores the new keys/values quantized and returns all of them so
     far, dequantized to the activation dtype."""
 
-    def __init__(self, cfg, batch: int, max_len: int, scheme: QScheme, dtype: torch.dtype, device=None):
+    def __init__(self, cfg, batch: int, max_len: int, dtype: torch.dtype, device=None, *, scheme: QScheme):
         self.max_len, self.scheme, self.dtype = max_len, scheme, dtype
         self.width = scheme.width(cfg.head_size)
         self.keys, self.values = [], []
