@@ -65,3 +65,18 @@ def test_bf16_autocast_matches_autocast_reference_within_bf16_precision():
     torch.testing.assert_close(got[0], ref[0], rtol=1e-3, atol=1e-3)
     for a, b in zip(got[1:], ref[1:]):
         assert (a - b).norm() / b.norm() < 2e-2
+
+
+@pytest.mark.parametrize("fields", [dict(), dict(tie_embeddings=False), dict(sliding_window=4, sliding_layers=[True, False])])
+def test_decoder_loss_with_labels_equals_cross_entropy_of_its_logits(fields):
+    from slmkit.config import ModelConfig
+    from slmkit.model import Decoder
+
+    torch.manual_seed(0)
+    model = Decoder(ModelConfig(vocab_size=97, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=64,
+                                max_seq_len=64, **fields))
+    tokens = torch.randint(0, 97, (3, 12))
+    labels = torch.randint(0, 97, (3, 12))
+    labels[0, :5] = IGNORE
+    ref = F.cross_entropy(model(tokens).flatten(0, 1), labels.flatten(), ignore_index=IGNORE, reduction="sum")
+    torch.testing.assert_close(model(tokens, labels=labels), ref, rtol=1e-5, atol=1e-5)
