@@ -1,7 +1,8 @@
 """KV-cache quantization: keys and values stored as int8 or int4 codes, per token and head, in groups along
 the head dimension, with float16 scales (and offsets, asymmetric). Generation uses it through
 `Decoder.new_cache()` once `use_quantized_cache_` has set `model.kv_scheme` and `model.cache_type` (the
-`KVCacheConfig` pipeline step, which changes no weight, and the loader of a checkpoint that records a scheme). Memory per cached token and layer: 2 x kv_heads x (head_dim x bits / 8 + groups x 2 [x 2]) bytes.
+`KVCacheConfig` pipeline step, which changes no weight, and the loader of a checkpoint that records a
+scheme). Memory per cached token and layer: 2 x kv_heads x (head_dim x bits / 8 + groups x 2 [x 2]) bytes.
 """
 
 from __future__ import annotations
