@@ -10,8 +10,8 @@ three engines:
                          clip, torch.optim.AdamW
 
 Every engine loads the same weights (one Hugging Face folder that slmkit writes: the default model dequantized
-from its GGUF, or nano-20m initialised by slmkit.train.init), trains on the same packed WikiText-2 (raw test text) sequences in
-the same order with the same hyper-parameters (AdamW lr 1e-5 constant, betas 0.9/0.999, no weight decay, clip
+from its GGUF, or nano-20m initialised by slmkit.train.init), trains on the same packed WikiText-2 sequences
+(the raw test text) in the same order with the same hyper-parameters (AdamW lr 1e-5 constant, betas 0.9/0.999, no weight decay, clip
 1.0), on 2 threads, one engine per fresh process (its own peak memory). Per run: one warm-up step, then
 --steps timed steps; tokens/s = trained tokens of the timed steps / their wall time. Peak RSS is the process's
 high-water mark from the start of training (reset after loading: /proc/self/clear_refs), so loading
@@ -22,7 +22,7 @@ medians and the ratios are medians of per-round ratios. Beside them, the floor: 
 token over this machine's measured matmul throughput (float32 or bfloat16), and each row's model FLOPs
 utilisation (MFU). Attention's own FLOPs (12 x layers x seq x width per token) are left out of 6N, as usual.
 
-    python benchmarks/train_speed.py [--models default,nano-20m] [--dtypes float32,bfloat16] [--rounds 2]
+    python benchmarks/train_speed.py [--models default,nano-20m] [--dtypes float32,bfloat16] [--rounds 3]
                                      [--steps 3] [--json out.json]
 """
 
@@ -168,7 +168,7 @@ def main(argv=None) -> None:
     p.add_argument("--models", default=",".join(MODELS), help="default and/or nano-20m")
     p.add_argument("--dtypes", default="float32,bfloat16")
     p.add_argument("--engines", default=",".join(ENGINES), help="a subset of: " + ", ".join(ENGINES))
-    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--steps", type=int, default=3, help="timed optimizer steps per run, after one warm-up step")
     p.add_argument("--json", default=None)
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
@@ -228,8 +228,7 @@ def peak_rss_mb() -> float:
 def run_slmkit(spec: dict, ids: torch.Tensor) -> tuple[list[float], list[float]]:
     from slmkit.loader import load
     from slmkit.train import TrainConfig, train
-    from slmkit.train.data import Sequences, TrainData
-    from slmkit.train.data import sequence_order
+    from slmkit.train.data import Sequences, TrainData, sequence_order
 
     model = load(spec["folder"]).model
     order = sequence_order(len(ids), SEED, 0, len(ids))  # slmkit's own seeded order: undo it, keep ids' order

@@ -48,40 +48,45 @@ class _LinearCrossEntropy(torch.autograd.Function):
 def _chunks(hidden, weight, labels, dtype, chunk, grads: bool, weight_grad: bool = True):
     """(summed loss, d loss / d hidden, d loss / d weight) made `chunk` rows at a time (no grads: Nones).
 
-    Every chunk reuses the same buffers: a fresh 100 MB tensor per chunk would be a fresh mmap, and its page
-    faults cost as much as the softmax."""
-    N, V = hidden.shape[0], weight.shape[0]
+    Every chunk reuses the same logits buffer: a fresh 100 MB tensor per chunk would be a fresh mmap, and
+    its page faults cost as much as the softmax."""
+    (N, C), V, device = hidden.shape, weight.shape[0], hidden.device
     w = weight.to(dtype)  # [V, C]
-    rows = min(chunk, N)
-    buf = torch.empty(rows, V, dtype=torch.float32, device=hidden.device)  # the chunk's logits, then gradient
-    low = None if dtype == torch.float32 else torch.empty(rows, V, dtype=dtype, device=hidden.device)
-    loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
+    buf = torch.empty(min(chunk, N), V, dtype=torch.float32, device=device)  # the chunk's logits, then gradient
+    low = None if dtype == torch.float32 else torch.empty(buf.shape, dtype=dtype, device=device)
+    loss = torch.zeros((), dtype=torch.float32, device=device)
     grad_hidden = torch.empty_like(hidden) if grads else None  # [N, C]
-    grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if grads and weight_grad else None
-    step_weight = None if grad_weight is None or low is None else torch.empty(weight.shape, dtype=dtype, device=weight.device)
+    grad_weight = torch.zeros(V, C, dtype=torch.float32, device=device) if grads and weight_grad else None
     for start in range(0, N, chunk):
         h, y = hidden[start:start + chunk].to(dtype), labels[start:start + chunk]  # [n, C], [n]
         n, valid, target = len(y), y != IGNORE, y.clamp(min=0)
         z = _matmul(h, w.T, buf[:n], None if low is None else low[:n])  # float32 logits [n, V]
         torch.log_softmax(z, dim=-1, out=z)
         loss -= (z.gather(1, target[:, None]).squeeze(1) * valid).sum()
-        if not grads:
-            continue
-        g = z.exp_()  # softmax  [n, V]
-        g[torch.arange(n, device=y.device), target] -= 1.0
-        if not bool(valid.all()):
-            g[~valid] = 0.0
-        g = g if low is None else low[:n].copy_(g)  # in the matmul dtype
-        grad_hidden[start:start + chunk] = g @ w  # [n, C]
-        if grad_weight is None:
-            continue
-        if step_weight is None:
-            grad_weight.addmm_(g.T, h)  # [V, C] += [V, n] @ [n, C]
-        else:
-            grad_weight.add_(torch.mm(g.T, h, out=step_weight))  # in the autocast dtype, summed in float32
+        if grads:
+            g = _softmax_minus_one_hot_(z, target, valid)
+            g = g if low is None else low[:n].copy_(g)  # in the matmul dtype
+            grad_hidden[start:start + chunk] = g @ w  # [n, C]
+            if grad_weight is not None:
+                _add_outer_(grad_weight, g, h)
     return loss, grad_hidden, (grad_weight.to(weight.dtype) if grad_weight is not None else None)
 
 
+def _softmax_minus_one_hot_(log_probs: torch.Tensor, target: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """d(-log p[target]) / d logits = softmax - one_hot(target), in place of log_probs [n, V]; masked rows 0."""
+    g = log_probs.exp_()
+    g[torch.arange(len(target), device=target.device), target] -= 1.0
+    if not bool(valid.all()):
+        g[~valid] = 0.0
+    return g
+
+
+def _add_outer_(grad_weight: torch.Tensor, g: torch.Tensor, h: torch.Tensor) -> None:
+    """grad_weight [V, C] (float32) += g.T [V, n] @ h [n, C]; a narrower g and h multiply in their dtype."""
+    if g.dtype == torch.float32:
+        grad_weight.addmm_(g.T, h)
+    else:
+        grad_weight.add_(g.T @ h)
 def _matmul(h: torch.Tensor, wt: torch.Tensor, out: torch.Tensor, low: torch.Tensor | None) -> torch.Tensor:
     """h @ wt into the float32 `out`, through `low` when the matmul runs in a narrower dtype."""
     if low is None:
