@@ -7,9 +7,10 @@ import json
 import sys
 import time
 
-import torch
 
 from .backends import BACKENDS
+from .cli_common import set_threads as _set_threads
+from .cli_train import cmd_merge, cmd_train, merge_parser, train_parser
 from .errors import SlmError, require
 from .loader import DTYPES
 
@@ -54,51 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
     _sampling_args(chat)
     _eval_parsers(sub)
     _compress_parsers(sub)
-    _train_parser(sub)
+    train_parser(sub)
+    merge_parser(sub)
     return parser
-
-
-def _train_parser(sub) -> None:
-    from .train.config import DISTRIBUTED, OPTIMIZERS, PRECISIONS, SCHEDULES
-
-    t = sub.add_parser("train", help="pretrain or fine-tune (full, supervised) with one resumable loop")
-    t.add_argument("model", nargs="?", default=None, help="model to fine-tune (default: SmolLM2-135M-Instruct); "
-                   "or --preset to pretrain from scratch")
-    t.add_argument("--data", required=True, help="a named corpus (tinyshakespeare, wikitext2-valid, ...), a "
-                   ".txt/.jsonl/.parquet file or folder, a hub dataset, or Alpaca / chat records (.json, .jsonl)")
-    t.add_argument("--format", choices=["text", "alpaca", "chat"], default=None, help="default: detected")
-    t.add_argument("--preset", default=None, help="pretrain this preset from scratch (tiny, nano-20m, ...)")
-    t.add_argument("--tokenizer", default=None, help="--preset: the model whose tokenizer to use (default: the "
-                   "default model's)")
-    t.add_argument("--seq-len", type=int, default=512)
-    t.add_argument("--batch-size", type=int, default=4, help="sequences per micro-batch (per process)")
-    t.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
-    t.add_argument("--steps", type=int, default=None)
-    t.add_argument("--tokens", type=int, default=None, help="train on about this many tokens")
-    t.add_argument("--epochs", type=float, default=None)
-    t.add_argument("--max-time", type=float, default=None, help="stop at the first step after this many seconds")
-    t.add_argument("--lr", type=float, default=None, help="peak learning rate (default 3e-4; 2e-5 fine-tuning)")
-    t.add_argument("--schedule", choices=SCHEDULES, default="cosine")
-    t.add_argument("--warmup", type=int, default=0, help="warmup steps")
-    t.add_argument("--optimizer", choices=OPTIMIZERS, default="adamw")
-    t.add_argument("--weight-decay", type=float, default=0.0)
-    t.add_argument("--clip", type=float, default=1.0, help="max gradient norm (0: no clipping)")
-    t.add_argument("--dtype", choices=PRECISIONS, default="float32", help="float32, bfloat16 (autocast, fp32 "
-                   "master weights) or float16 (CUDA, loss scaling)")
-    t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--eval-data", default=None, help="held-out SOURCE (default: the last 5%% of --data)")
-    t.add_argument("--eval-every", type=int, default=0, help="steps between held-out evaluations")
-    t.add_argument("--save-every", type=int, default=0, help="steps between resumable checkpoints (in OUT.train/)")
-    t.add_argument("--resume", action="store_true", help="continue the run from its newest checkpoint")
-    t.add_argument("--distributed", choices=DISTRIBUTED, default="none", help="ddp or fsdp, under torchrun")
-    t.add_argument("--trainable", default=None, help="comma-separated glob patterns of parameters that train "
-                   "(default: all)")
-    t.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where the model trains (cuda: under "
-                   "torchrun, each process's LOCAL_RANK device)")
-    t.add_argument("--threads", type=int, default=None)
-    t.add_argument("--json", default=None, help="write the run here (and a Markdown twin)")
-    t.add_argument("-o", "--out", required=True, help="output slmkit checkpoint folder")
-    t.add_argument("--force", action="store_true", help="replace OUT (and its train state) if it exists")
 
 
 def _calib_args(p: argparse.ArgumentParser) -> None:
@@ -202,12 +161,6 @@ def _eval_parsers(sub) -> None:
     report = sub.add_parser("report", help="comparison table and plots (quality vs size / latency) from runs")
     report.add_argument("runs", nargs="+", help="RUN.json files written by slm eval / slm bench")
     report.add_argument("-o", "--out", required=True, help="output folder")
-
-
-def _set_threads(args) -> None:
-    if args.threads is not None:
-        require(0 < args.threads <= 4096, f"--threads must be between 1 and 4096, got {args.threads}")
-        torch.set_num_threads(args.threads)
 
 
 def _load(args):
@@ -390,41 +343,6 @@ def cmd_export(args) -> None:
     print(export_model(loaded.model, loaded.tokenizer, args.out, args.format, args.type, args.force))
 
 
-def cmd_train(args) -> None:
-    from pathlib import Path
-
-    from .train.config import TrainConfig
-    from .train.job import TrainJob, print_summary, run_train
-    from .train.objectives import objective
-
-    _set_threads(args)
-    job = TrainJob(args.data, Path(args.out), args.model, args.preset, args.tokenizer, args.format, args.eval_data,
-                   args.force, args.resume, args.device)
-    supervised = args.format in ("alpaca", "chat") or (args.format is None and _detect(args.data) != "text")
-    lr = args.lr if args.lr is not None else (3e-4 if args.preset else 2e-5)
-    trainable = tuple(p.strip() for p in args.trainable.split(",") if p.strip()) if args.trainable else ("*",)
-    cfg = TrainConfig(objective=objective("sft" if supervised else "lm"), trainable=trainable,
-                      optimizer=args.optimizer, lr=lr, weight_decay=args.weight_decay, schedule=args.schedule, warmup_steps=args.warmup, seq_len=args.seq_len,
-                      micro_batch=args.batch_size, grad_accum=args.grad_accum, max_steps=args.steps,
-                      max_tokens=args.tokens, max_epochs=args.epochs, max_time_s=args.max_time,
-                      clip=args.clip or None, precision=args.dtype, seed=args.seed, eval_every=args.eval_every,
-                      save_every=args.save_every, distributed=args.distributed)
-    run, out = run_train(job, cfg, sys.argv)
-    if run is not None:
-        print_summary(run, out)
-        if args.json:
-            from .eval.report import write_run
-
-            print(f"[wrote {write_run(run, args.json)}]", file=sys.stderr)
-        print(out)
-
-
-def _detect(spec: str) -> str:
-    from .train.data import detect_format
-
-    return detect_format(spec)
-
-
 def cmd_report(args) -> None:
     from .eval.report import build_report
 
@@ -434,7 +352,7 @@ def cmd_report(args) -> None:
 
 COMMANDS = {"info": cmd_info, "generate": cmd_generate, "chat": cmd_chat, "eval": cmd_eval, "bench": cmd_bench,
             "report": cmd_report, "quantize": cmd_quantize, "prune": cmd_prune,
-            "export": cmd_export, "train": cmd_train}
+            "export": cmd_export, "train": cmd_train, "merge": cmd_merge}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,8 +1,8 @@
 """Every mapping between slmkit's model and other formats, as explicit tables.
 
-Hugging Face folders (Llama / SmolLM, Qwen2, Mistral, Gemma-3) and GGUF files (llama, qwen2 architectures):
-the config fields, the tensor names, and the few value transforms (Gemma's norm offset, llama.cpp's Q/K row
-permutation, layer unrolling for export). Nothing else in slmkit knows another format's names.
+Hugging Face folders (Llama / SmolLM, Qwen2, Mistral, Gemma-3), GGUF files (llama, qwen2 architectures) and
+PEFT adapter files (LoRA, prompt tuning): the config fields, the tensor names, and the few value transforms
+(Gemma's norm offset, llama.cpp's Q/K row permutation, layer unrolling for export). Nothing else in slmkit knows another format's names.
 """
 
 from __future__ import annotations
@@ -383,3 +383,59 @@ def check_complete(state: dict[str, torch.Tensor], expected: dict[str, torch.Ten
         require(tuple(state[k].shape) == tuple(v.shape),
                 f"{source}: tensor {k} has shape {tuple(state[k].shape)}, the config implies {tuple(v.shape)}")
 
+
+
+# ---- PEFT adapter files (adapter_model.safetensors) ----------------------------------------------------
+PEFT_PREFIX = "base_model.model."  # PeftModel -> its tuner model -> transformers' *ForCausalLM
+# The tensors of one adapted linear: (slmkit suffix, PEFT suffix) after the module's name. No value changes:
+# slmkit's q/k rows are in transformers' order (a llama GGUF's row permutation is undone when it is loaded,
+# see llama_cpp_unpermute), so the lora_B of q_proj and k_proj is written as it is.
+PEFT_LORA = (("lora_A.weight", "lora_A.weight"), ("lora_B.weight", "lora_B.weight"))
+PEFT_PROMPT = (("prompt", "prompt_embeddings"),)  # prompt tuning: [n virtual tokens, C], no prefix
+
+
+def _module_pairs(cfg: ModelConfig):
+    """(slmkit module, transformers module) of every linear of every block."""
+    family = FAMILY_BY_NAME[cfg.family]
+    linears = [(o[:-len(".weight")], t[:-len(".weight")]) for o, t in family.layer_table
+               if o.endswith("proj.weight")]
+    for i in range(cfg.n_layers):
+        for ours, theirs in linears:
+            yield f"blocks.{i}.{ours}", f"model.layers.{i}.{theirs}"
+
+
+def _check_peft_layout(cfg: ModelConfig) -> None:
+    require(cfg.share_blocks == 1 and not (cfg.layer_n_heads or cfg.layer_n_kv_heads or cfg.layer_ffn_dims),
+            "PEFT adapter files need plain layers (no shared blocks, no layer-wise widths)")
+
+
+def state_to_peft(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """Adapter tensors under slmkit names (blocks.3.attn.q_proj.lora_A.weight, prompt) -> PEFT's names."""
+    _check_peft_layout(cfg)
+    names = _peft_names(cfg)
+    unknown = sorted(set(state) - set(names))
+    require(not unknown, f"no PEFT name for adapter tensor(s) {', '.join(unknown[:3])}")
+    return {names[k]: t.contiguous() for k, t in state.items()}
+
+
+def state_from_peft(tensors: dict[str, torch.Tensor], cfg: ModelConfig, source: str) -> dict[str, torch.Tensor]:
+    """PEFT's adapter tensor names -> slmkit's; a tensor with no slmkit place is refused by name."""
+    _check_peft_layout(cfg)
+    names = {theirs: ours for ours, theirs in _peft_names(cfg).items()}
+    unknown = sorted(k for k in tensors if k not in names)
+    require(not unknown, f"{source}: adapter tensor {unknown[0] if unknown else ''} fits no module of this "
+            f"{cfg.family} model of {cfg.n_layers} layers (an adapter made for another base?)")
+    return {names[k]: t for k, t in tensors.items()}
+
+
+def _peft_names(cfg: ModelConfig) -> dict[str, str]:
+    names = {ours: theirs for ours, theirs in PEFT_PROMPT}
+    for ours, theirs in _module_pairs(cfg):
+        names.update({f"{ours}.{o}": f"{PEFT_PREFIX}{theirs}.{t}" for o, t in PEFT_LORA})
+    return names
+
+
+def peft_target_names(modules: list[str], cfg: ModelConfig) -> list[str]:
+    """slmkit module names -> the short names PEFT's target_modules lists (q_proj, ...), sorted."""
+    short = {ours: theirs.rsplit(".", 1)[-1] for ours, theirs in _module_pairs(cfg)}
+    return sorted({short[m] for m in modules})

@@ -8,6 +8,7 @@ import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -31,6 +32,12 @@ class LoadedModel:
     source: str  # the path it was read from
     kind: str  # gguf | hf | slmkit
     file_bytes: int  # size of the weights on disk
+
+
+# Folder kinds that packages above the core read, filled by them (slmkit.adapters adds adapter folders, which
+# load a base and put the adapter on it): (accepts(path), read(path, dtype) -> LoadedModel). slmkit.backends
+# imports those packages, so every command that takes a MODEL reads every kind.
+FOLDER_READERS: list[tuple[Callable[[Path], bool], Callable[[Path, torch.dtype], "LoadedModel"]]] = []
 
 
 def default_model_path() -> Path:
@@ -68,6 +75,11 @@ def _from_hub(repo_id: str) -> Path:
 def load(spec: str | Path | None = None, dtype: torch.dtype = torch.float32) -> LoadedModel:
     """Load MODEL (see resolve) with its weight matrices stored in `dtype` (activations stay float32)."""
     path = resolve(None if spec is None else str(spec))
+    for accepts, read in FOLDER_READERS:
+        if accepts(path):
+            return read(path, dtype)
+    require(not (path / "adapter_config.json").is_file(), f"{path} is an adapter folder: import slmkit.adapters "
+            "(or load it through slmkit.backends) to load its base with it")
     if path.is_dir() and (path / CHECKPOINT_MARKER).is_file():
         loaded = _load_checkpoint(path)
     elif path.is_dir() and (path / "config.json").is_file():

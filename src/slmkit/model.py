@@ -14,6 +14,7 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from . import kernels
 from .config import ModelConfig, RopeScaling, head_dim_scale
@@ -182,6 +183,8 @@ class Decoder(nn.Module):
         self.compression: list[dict] = []  # the compression steps applied, as data (see slmkit.pipeline)
         self.kv_scheme = None  # a QScheme: the KV cache is stored quantized (see slmkit.quant.kvcache)
         self.cache_type = KVCache  # what new_cache makes: (cfg, batch, max_len, dtype, device) -> a cache
+        self.prompt: nn.Parameter | None = None  # [P, C] virtual tokens before every sequence (prompt tuning)
+        self.checkpoint_blocks = False  # training: recompute each block's activations in the backward
         self.embed = nn.Embedding(cfg.vocab_size, cfg.dim)
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_stored_layers))
         self.norm = make_norm(cfg, cfg.dim)
@@ -207,31 +210,53 @@ class Decoder(nn.Module):
         """The dtype of activations: that of the norms, which cast_weights_ leaves in float32."""
         return self.norm.weight.dtype
 
+    @property
+    def n_virtual(self) -> int:
+        """Virtual (prompt-tuning) positions before every sequence: they take cache slots and positions."""
+        return 0 if self.prompt is None else self.prompt.shape[0]
+
     def new_cache(self, batch: int = 1, max_len: int | None = None) -> KVCache:
-        max_len = max_len or self.cfg.max_seq_len
+        max_len = (max_len or self.cfg.max_seq_len - self.n_virtual) + self.n_virtual
         return self.cache_type(self.cfg, batch, max_len, self.compute_dtype, self.device)
 
     def forward(self, tokens: torch.Tensor, cache: KVCache | None = None, pos: int = 0,
                 last_only: bool = False, labels: torch.Tensor | None = None) -> torch.Tensor:
         """tokens [B, T] at positions pos..pos+T -> logits [B, T, V] (or [B, 1, V] with last_only). With labels
-        [B, T] (each position's next token, or losses.IGNORE): the summed cross-entropy instead, for training."""
-        cfg, T = self.cfg, tokens.shape[1]
-        if pos + T > cfg.max_seq_len:
-            raise ValueError(f"sequence of {pos + T} tokens exceeds the model's context of {cfg.max_seq_len}")
+        [B, T] (each position's next token, or losses.IGNORE): the summed cross-entropy instead, for training.
+        A prompt-tuned model puts its P virtual tokens before position 0: they are in the cache and in the
+        positions (pos counts real tokens only) but never in the output."""
+        cfg, P = self.cfg, self.n_virtual
+        if pos + tokens.shape[1] + P > cfg.max_seq_len:
+            raise ValueError(f"sequence of {pos + tokens.shape[1] + P} positions exceeds the model's context of "
+                             f"{cfg.max_seq_len}")
         x = self.embed(tokens).to(self.compute_dtype)  # [B, T, C]
         if cfg.embed_scale != 1.0:
             x = x * torch.tensor(cfg.embed_scale, dtype=x.dtype)
-        ropes = {False: self.rope[:, pos:pos + T], True: self.rope_local[:, pos:pos + T]}  # [2, T, D] each
-        full = attention_mask(T, pos, None, x.device)
-        masks = {False: full, True: attention_mask(T, pos, cfg.sliding_window, x.device) if cfg.sliding_window else full}
-        for layer in range(cfg.n_layers):
-            block = self.blocks[layer // cfg.share_blocks]
-            x = block(x, ropes[block.sliding], masks[block.sliding], cache, layer, pos)
+        if P and pos == 0:
+            x = torch.cat([self.prompt.to(x.dtype).expand(x.shape[0], -1, -1), x], 1)  # [B, P + T, C]
+        pos = pos + P if pos else 0  # where x starts among all positions, virtual ones included
+        x = self.run_blocks(x, cache, pos)
+        if P and pos == 0:
+            x = x[:, P:]  # [B, T, C]: the virtual positions have no output
         if last_only:
             x = x[:, -1:]  # [B, 1, C]
         if labels is not None:
             return self.loss_sum(self.norm(x), labels)
         return self.project(self.norm(x))  # [B, T, V]
+
+    def run_blocks(self, x: torch.Tensor, cache: KVCache | None, pos: int) -> torch.Tensor:
+        """x [B, T, C] at positions pos..pos+T through every block (block-wise activation checkpointing when
+        training with checkpoint_blocks: each block's inside is recomputed in the backward)."""
+        cfg, T = self.cfg, x.shape[1]
+        ropes = {False: self.rope[:, pos:pos + T], True: self.rope_local[:, pos:pos + T]}  # [2, T, D] each
+        full = attention_mask(T, pos, None, x.device)
+        masks = {False: full, True: attention_mask(T, pos, cfg.sliding_window, x.device) if cfg.sliding_window else full}
+        recompute = self.checkpoint_blocks and torch.is_grad_enabled() and cache is None
+        for layer in range(cfg.n_layers):
+            block = self.blocks[layer // cfg.share_blocks]
+            args = (x, ropes[block.sliding], masks[block.sliding], cache, layer, pos)
+            x = checkpoint(block, *args, use_reentrant=False) if recompute else block(*args)
+        return x
 
     def loss_sum(self, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Final hidden states [B, T, C] and labels [B, T] -> the summed next-token cross-entropy; a float output

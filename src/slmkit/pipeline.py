@@ -46,8 +46,8 @@ def compress(spec, steps: list, out, force: bool = False, sparse_storage: bool =
     is refused before any work unless force; sparse_storage: zeros stored compressed, see save_checkpoint)."""
     from pathlib import Path
 
+    from .backends import load
     from .checkpoint import save_checkpoint
-    from .loader import load
 
     require(force or not Path(out).exists(), f"{out} exists; pass --force to replace it")
     lm = load(spec)

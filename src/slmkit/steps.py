@@ -14,12 +14,14 @@ from .errors import SlmError, require
 
 def methods() -> dict[str, type]:
     """Every step kind by its recorded name."""
+    from .adapters import LoRAConfig, PromptTuningConfig
+    from .adapters.merge import MergeStep
     from .prune import PruneConfig, StructuredPruneConfig
     from .quant import AWQConfig, GPTQConfig, KVCacheConfig, RTNConfig, SmoothQuantConfig
     from .train.step import TrainStep
 
     return {c.method: c for c in (RTNConfig, GPTQConfig, AWQConfig, SmoothQuantConfig, KVCacheConfig, PruneConfig,
-                                  StructuredPruneConfig, TrainStep)}
+                                  StructuredPruneConfig, TrainStep, LoRAConfig, PromptTuningConfig, MergeStep)}
 
 
 def make_step(method: str, **values):

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from .. import loader
+from .. import adapters, loader  # noqa: F401  (adapters: registers adapter folders with the loader)
 from ..errors import require
 from ..info import INFO_SCHEMA, describe, model_info as torch_model_info
 from ..loader import LoadedModel

@@ -45,7 +45,8 @@ from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
 from ..errors import require
 from ..generate import GenerationConfig, generate
-from ..loader import DTYPES, LoadedModel, load
+from ..backends import load
+from ..loader import DTYPES, LoadedModel
 from ..progress import progress
 from .scoring import score
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from .. import backends
 from ..errors import require
-from ..loader import LoadedModel, load
+from ..loader import LoadedModel
 from .data import NAMED_FILES, Text, read_text, resolve_source
 from .fidelity import fidelity
 from .perplexity import PerplexityProtocol, perplexity
@@ -121,7 +121,7 @@ def run_eval(model: str | None, cfg: EvalConfig, dtype, command: list[str], back
     run["results"] = evaluate(lm, tasks, cfg)
     if cfg.reference:
         text = next((t.text for t in tasks if t.text is not None), None) or read_text("wikitext2")
-        reference = load(cfg.reference)
+        reference = backends.load(cfg.reference)
         run["fidelity"] = fidelity(lm.model, reference.model, lm.tokenizer, reference.tokenizer, text,
                                    _protocol(cfg), cfg.reference_cache, reference.source)
     return run

@@ -4,7 +4,9 @@ A packed weight holds `qweight` (uint8, exactly `bits` bits per code: see scheme
 [out, groups]) and, for asymmetric schemes, `offsets` (float16 [out, groups]). Its bytes in memory are those
 buffers and nothing else: no float copy is kept. Few-row products (decode) run in slmkit's C kernels, which
 read the codes directly; many-row products (prefill, scoring) dequantize the matrix once per call and use
-torch's GEMM, whose cost is then shared by all rows.
+torch's GEMM, whose cost is then shared by all rows. A product whose input needs a gradient (QLoRA, training
+through a packed model) goes through `PackedProduct`: the float matrix is made for the forward product and
+made again for the backward one, never saved between them, so training holds no float copy of the weights.
 """
 
 from __future__ import annotations
@@ -51,7 +53,9 @@ class PackedWeight(nn.Module):
         return W if W is not None else dequantize_weight(self.codes(), self.scales, self.offsets, self.scheme)
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
-        """x [..., in] @ W.T -> [..., out]."""
+        """x [..., in] @ W.T -> [..., out]; differentiable in x (the packed W itself never trains)."""
+        if x.requires_grad and torch.is_grad_enabled():
+            return PackedProduct.apply(x, self)
         y = kernels.packed_matmul(x, self)
         if y is None:
             y = F.linear(x, self.dequantize().to(x.dtype))
@@ -63,6 +67,30 @@ class PackedWeight(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.in_features} -> {self.out_features}, {self.scheme.describe()}"
+
+
+class PackedProduct(torch.autograd.Function):
+    """y = x @ W.T for a frozen packed W, with d x = d y @ W: W is dequantized in the forward and again in the
+    backward, and autograd saves only the module (not a float matrix). Under autocast the products run in
+    the autocast dtype, as F.linear's would."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, module: "PackedWeight") -> torch.Tensor:
+        ctx.module, ctx.x_dtype = module, x.dtype
+        ctx.dtype = _product_dtype(x)
+        with torch.autocast(x.device.type, enabled=False):
+            return F.linear(x.to(ctx.dtype), module.dequantize().to(ctx.dtype))  # [..., out]
+
+    @staticmethod
+    def backward(ctx, grad_y: torch.Tensor):
+        with torch.autocast(grad_y.device.type, enabled=False):
+            grad_x = grad_y.to(ctx.dtype) @ ctx.module.dequantize().to(ctx.dtype)  # [..., in]
+        return grad_x.to(ctx.x_dtype), None
+
+
+def _product_dtype(x: torch.Tensor) -> torch.dtype:
+    device = x.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
 
 
 class QuantLinear(PackedWeight):

@@ -13,6 +13,7 @@ from typing import Any
 
 from ..errors import require
 from .objectives import NextTokenLoss, Objective, objective_from_record
+from .privacy import DPConfig
 
 OPTIMIZERS = ("adamw", "adafactor", "sgd")
 SCHEDULES = ("cosine", "linear", "constant")
@@ -53,6 +54,8 @@ class TrainConfig:
     save_every: int = 0  # optimizer steps between train-state checkpoints (0: none until the end)
     log_every: int = 10  # steps between log lines when stderr is not a terminal
     distributed: str = "none"  # none | ddp | fsdp (FSDP2 fully_shard per block); needs torchrun
+    checkpointing: bool = False  # recompute each block's activations in the backward (less memory, ~1/3 more time)
+    privacy: DPConfig | None = None  # DP-SGD (slmkit.train.privacy): per-sample clipping, noise, Poisson sampling
 
     def validate(self) -> "TrainConfig":
         require(isinstance(self.objective, Objective), f"objective must be a loss object, got {self.objective!r}")
@@ -71,6 +74,13 @@ class TrainConfig:
                 and self.eval_batches > 0, "warmup, eval and save intervals must be >= 0 (log_every, eval_batches > 0)")
         require(self.clip is None or self.clip > 0, f"clip must be positive, got {self.clip}")
         self._validate_limits()
+        if self.privacy is not None:
+            require(isinstance(self.privacy, DPConfig), f"privacy must be a DPConfig, got {self.privacy!r}")
+            self.privacy.validate()
+            require(self.distributed == "none", "DP-SGD runs in one process (its sampling is per step, not per rank)")
+            require(self.clip is None, "under DP every per-sample gradient is clipped (--dp-clip); --clip does not apply")
+            require(not self.checkpointing, "DP-SGD's per-sample hooks cannot see recomputed activations; drop "
+                    "--checkpointing")
         return self
 
     def _validate_limits(self) -> None:
@@ -85,12 +95,15 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         data["objective"] = self.objective.record()
+        data["privacy"] = None if self.privacy is None else dataclasses.asdict(self.privacy)
         return {k: list(v) if isinstance(v, tuple) else v for k, v in data.items()}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
         data = dict(data)
         data["objective"] = objective_from_record(data.get("objective", {"name": "lm"}))
+        if isinstance(data.get("privacy"), dict):
+            data["privacy"] = DPConfig.from_dict(data["privacy"])
         for name in ("trainable", "frozen", "betas"):
             if name in data:
                 data[name] = tuple(data[name])

@@ -2,10 +2,13 @@
 checkpoint (its history records the training step) and one run record (schema slmkit.run/1, kind "train").
 
 The run's train state lives beside the output, in OUT.train/ (slmkit.train.state); `resume` continues it.
+With an adapter (LoRA, prompt tuning) only the adapter trains, and OUT is a PEFT-format adapter folder that
+names its base (slmkit.adapters.files) instead of a whole checkpoint.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import sys
@@ -17,7 +20,8 @@ import torch
 from ..checkpoint import save_checkpoint
 from ..config import preset
 from ..errors import require
-from ..loader import LoadedModel, load, load_tokenizer
+from ..backends import load
+from ..loader import LoadedModel, load_tokenizer
 from ..model import Decoder
 from ..pipeline import step_record
 from . import dist
@@ -40,6 +44,7 @@ class TrainJob:
     force: bool = False
     resume: bool = False
     device: str = "cpu"  # cpu | cuda (under torchrun: the process's LOCAL_RANK device)
+    adapter: object | None = None  # a LoRAConfig or PromptTuningConfig: train only it, write an adapter folder
 
     @property
     def state_dir(self) -> Path:
@@ -48,6 +53,7 @@ class TrainJob:
     def check(self) -> "TrainJob":
         """Refuse, before any work, what would overwrite something or continue the wrong run."""
         require(not (self.model and self.preset), "give MODEL or --preset, not both")
+        require(not (self.adapter and self.preset), "adapters fine-tune a model; --preset trains one from scratch")
         require(self.device in ("cpu", "cuda"), f"--device must be cpu or cuda, got {self.device!r}")
         require(self.device == "cpu" or torch.cuda.is_available(), "--device cuda: no CUDA device is available")
         require(self.force or not Path(self.out).exists(), f"{self.out} exists; pass --force to replace it")
@@ -76,9 +82,12 @@ def run_train(job: TrainJob, cfg: TrainConfig, command: list[str], show: bool = 
     if job.force and not job.resume and job.state_dir.exists():
         shutil.rmtree(job.state_dir)
     lm = build_model(job, cfg.seed)
+    history = len(lm.model.compression)  # the base's own steps; an adapter folder records only what follows
+    if job.adapter is not None:
+        cfg = _adapt(lm.model, job.adapter, cfg)
     data = load_data(job.data, lm.tokenizer, cfg.seq_len, job.format, job.eval_data)
-    require(cfg.seq_len <= lm.model.cfg.max_seq_len, f"--seq-len {cfg.seq_len} exceeds the model's context of "
-            f"{lm.model.cfg.max_seq_len}")
+    room = lm.model.cfg.max_seq_len - lm.model.n_virtual  # prompt tuning's virtual tokens take positions too
+    require(cfg.seq_len <= room, f"--seq-len {cfg.seq_len} exceeds the model's context of {room}")
     lm.model.to(_device(job.device))
     result = train(lm.model, data, cfg, job.state_dir, job.resume, show)
     env = dist.setup(cfg.distributed)
@@ -87,7 +96,7 @@ def run_train(job: TrainJob, cfg: TrainConfig, command: list[str], show: bool = 
         model.cpu()
         step = TrainStep(job.data, job.format, job.eval_data, cfg, summary(result, data, lm.source))
         model.compression.append(step_record(step))
-        save_checkpoint(model, lm.tokenizer, Path(job.out), force=job.force)
+        _write(job, model, lm.tokenizer, model.compression[history:])
         run = train_run(LoadedModel(model, lm.tokenizer, str(job.out), "slmkit", _size(job.out)), cfg, data.info,
                         result, command, lm.source)
     env.barrier()
@@ -95,12 +104,38 @@ def run_train(job: TrainJob, cfg: TrainConfig, command: list[str], show: bool = 
     return run, Path(job.out)
 
 
+def _adapt(model, adapter, cfg: TrainConfig) -> TrainConfig:
+    """Put the adapter on the model (recorded as a step) and train its parameters alone."""
+    from ..adapters import adapter_parameters
+
+    adapter.apply_(model, None)
+    model.compression.append(step_record(adapter))
+    return dataclasses.replace(cfg, trainable=adapter_parameters(model), frozen=())
+
+
+def _write(job: TrainJob, model, tokenizer, steps: list[dict]) -> None:
+    if job.adapter is None:
+        save_checkpoint(model, tokenizer, Path(job.out), force=job.force)
+        return
+    from ..adapters import save_adapter
+
+    save_adapter(model, Path(job.out), base_name(job.model), steps, force=job.force)
+
+
+def base_name(spec: str | None) -> str | None:
+    """How an adapter folder names its base: None for the default model, an absolute path for a path, else
+    the name or hub id as given."""
+    if spec is None:
+        return None
+    return str(Path(spec).expanduser().resolve()) if Path(spec).expanduser().exists() else spec
+
+
 def _device(kind: str) -> torch.device:
     return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if kind == "cuda" else torch.device("cpu")
 
 
 def _size(folder: Path) -> int:
-    return sum(f.stat().st_size for f in Path(folder).glob("*.safetensors"))
+    return sum(f.stat().st_size for f in Path(folder).glob("*.safetensors"))  # an adapter folder: the adapter
 
 
 def train_run(lm: LoadedModel, cfg: TrainConfig, data_info: dict, result: TrainResult, command: list[str],
@@ -118,6 +153,8 @@ def train_run(lm: LoadedModel, cfg: TrainConfig, data_info: dict, result: TrainR
                                 "wall_s": result.wall_s, "stopped": result.stopped, "resumed_from": result.resumed_from,
                                 "loss_curve": result.loss_curve, "val_curve": result.val_curve}}
     run["cost"] = {"peak_rss_mb": peak_rss_mb()}
+    if result.privacy is not None:
+        run["privacy"] = result.privacy
     return run
 
 
@@ -127,3 +164,8 @@ def print_summary(run: dict, out: Path) -> None:
     val = f"{r['val_loss']:.4f}" if r["val_loss"] is not None else "–"
     print(f"[trained {r['steps']} steps, {r['tokens']:,} tokens, {speed}; final loss {r['final_loss']:.4f}, "
           f"val loss {val}; peak RSS {run['cost']['peak_rss_mb']:.0f} MB]", file=sys.stderr)
+    if "privacy" in run:
+        p = run["privacy"]
+        print(f"[DP-SGD: epsilon {p['epsilon']:.3g} at delta {p['delta']:.3g} ({p['accountant']}), noise multiplier "
+              f"{p['noise_multiplier']:.4g}, clip {p['clip_norm']:g}, sample rate {p['sample_rate']:.4g}, "
+              f"{p['steps']} steps]", file=sys.stderr)

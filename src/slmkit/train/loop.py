@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from ..errors import SlmError, require
-from . import dist, state
+from . import dist, privacy as dp, state
 from .config import TrainConfig, lr_at
 from .data import TrainData
 from .meter import Meter
@@ -42,6 +42,7 @@ class TrainResult:
     loss_curve: list[list[float]] = field(default_factory=list)  # [step, loss, lr, grad_norm, tokens, seconds]
     val_curve: list[list[float]] = field(default_factory=list)  # [step, val_loss]
     resumed_from: int | None = None
+    privacy: dict | None = None  # DP runs: epsilon, delta, noise multiplier, ... (privacy.Privacy.record)
 
 
 @dataclass
@@ -53,6 +54,7 @@ class Progress:
     tokens: int = 0
     loss_curve: list = field(default_factory=list)
     val_curve: list = field(default_factory=list)
+    secret: int | None = None  # DP runs: the seed of their sampling and noise (train state only)
 
 
 def train(model, data: TrainData, cfg: TrainConfig, state_dir: Path | None = None, resume: bool = False,
@@ -65,19 +67,41 @@ def train(model, data: TrainData, cfg: TrainConfig, state_dir: Path | None = Non
     _seed(cfg.seed)
     set_trainable_(model, cfg)
     model.train()
-    runner = dist.wrap(model, env)
+    model.checkpoint_blocks = cfg.checkpointing
+    privacy = _privacy(cfg, data, total)
+    runner = dp.wrap(model) if privacy else dist.wrap(model, env)
     optimizer = make_optimizer(model, cfg)
     scaler = _scaler(cfg, model)
-    prog, resumed = Progress(), None
+    prog, resumed = Progress(secret=privacy.secret if privacy else None), None
     if resume:
         resumed = _resume(model, optimizer, env, state_dir, _fingerprint(model, data, cfg, env), prog)
-    result = _run(runner, model, optimizer, scaler, data, cfg, env, total, prog, state_dir, show)
+    try:
+        result = _run(runner, model, optimizer, scaler, data, cfg, env, total, prog, state_dir, show,
+                      _resumed_privacy(privacy, prog))
+    finally:
+        model.checkpoint_blocks = False
+        if privacy:
+            runner._close()  # Opacus's hooks and per-sample attributes leave the model
     result.resumed_from = resumed
     model.eval()
     return result
 
 
-def _run(runner, model, optimizer, scaler, data, cfg, env, total, prog, state_dir, show) -> TrainResult:
+def _privacy(cfg: TrainConfig, data: TrainData, total: int) -> dp.Privacy | None:
+    if cfg.privacy is None:
+        return None
+    mean_tokens = data.train.target_tokens() / len(data.train)
+    return dp.plan(cfg.privacy, len(data.train), cfg.micro_batch * cfg.grad_accum, total, mean_tokens)
+
+
+def _resumed_privacy(privacy: dp.Privacy | None, prog: Progress) -> dp.Privacy | None:
+    """A resumed DP run continues with the secret of the run it resumes (its sampling and noise go on)."""
+    if privacy is not None and prog.secret is not None:
+        privacy.secret = prog.secret
+    return privacy
+
+
+def _run(runner, model, optimizer, scaler, data, cfg, env, total, prog, state_dir, show, privacy) -> TrainResult:
     meter = Meter(total, prog.step, show and env.main, cfg.log_every)
     start, times, stopped = time.perf_counter(), [], "steps"
     with meter:
@@ -86,9 +110,13 @@ def _run(runner, model, optimizer, scaler, data, cfg, env, total, prog, state_di
                 stopped = "time"
                 break
             t0 = time.perf_counter()
-            batches = data.step_batches(prog.consumed, cfg.micro_batch, cfg.grad_accum, env.world, env.rank, cfg.seed)
+            if privacy:
+                batches = privacy.batches(data.train, prog.step, cfg.micro_batch)
+            else:
+                batches = data.step_batches(prog.consumed, cfg.micro_batch, cfg.grad_accum, env.world, env.rank,
+                                            cfg.seed)
             lr = lr_at(prog.step, total, cfg)
-            loss, tokens, norm = optimizer_step(runner, optimizer, cfg, batches, env, lr, scaler)
+            loss, tokens, norm = optimizer_step(runner, optimizer, cfg, batches, env, lr, scaler, privacy, prog.step)
             _check_finite(loss, prog.step)
             times.append(time.perf_counter() - t0)
             prog.step, prog.consumed = prog.step + 1, prog.consumed + cfg.micro_batch * cfg.grad_accum * env.world
@@ -104,15 +132,15 @@ def _run(runner, model, optimizer, scaler, data, cfg, env, total, prog, state_di
         prog.val_curve.append([prog.step, evaluate(runner, data, cfg, env)])
     if state_dir:
         _save(model, optimizer, env, state_dir, _fingerprint(model, data, cfg, env), prog)
-    return _result(prog, times, time.perf_counter() - start, stopped)
+    return _result(prog, times, time.perf_counter() - start, stopped, privacy)
 
 
-def _result(prog: Progress, times: list[float], wall: float, stopped: str) -> TrainResult:
+def _result(prog: Progress, times: list[float], wall: float, stopped: str, privacy=None) -> TrainResult:
     later = prog.loss_curve[-len(times):][1:] if len(times) > 1 else []  # this process's steps, after the first
     speed = sum(r[4] for r in later) / sum(r[5] for r in later) if later else None
     return TrainResult(prog.step, prog.tokens, prog.loss_curve[-1][1] if prog.loss_curve else None,
                        prog.val_curve[-1][1] if prog.val_curve else None, speed, wall, stopped,
-                       prog.loss_curve, prog.val_curve)
+                       prog.loss_curve, prog.val_curve, privacy=privacy.record(prog.step) if privacy else None)
 
 
 def total_steps(cfg: TrainConfig, data: TrainData, world: int = 1) -> int:
@@ -130,11 +158,16 @@ def total_steps(cfg: TrainConfig, data: TrainData, world: int = 1) -> int:
 
 # ---- one optimizer step ------------------------------------------------------------------------
 def optimizer_step(runner, optimizer, cfg: TrainConfig, batches: list[Batch], env, lr: float,
-                   scaler=None) -> tuple[float, int, float]:
-    """Backward over the step's micro-batches, clip, update; returns (step loss, counted tokens, grad norm)."""
+                   scaler=None, privacy: dp.Privacy | None = None, step: int = 0) -> tuple[float, int, float]:
+    """Backward over the step's micro-batches (DP-SGD's per-sample clipping and noise with `privacy`), clip,
+    update; returns (step loss, counted tokens, grad norm)."""
     for group in optimizer.param_groups:
         group["lr"] = lr
-    loss, tokens = backward_step(runner, cfg.objective, batches, env, cfg.precision, scaler)
+    if privacy is not None:
+        with autocast(cfg.precision, _device(runner)):
+            loss, tokens = dp.dp_backward_step(runner, cfg.objective, batches, privacy, step)
+    else:
+        loss, tokens = backward_step(runner, cfg.objective, batches, env, cfg.precision, scaler)
     params = [p for g in optimizer.param_groups for p in g["params"]]
     if scaler is not None:
         scaler.unscale_(optimizer)
@@ -212,11 +245,12 @@ def _check_finite(loss: float, step: int) -> None:
 
 # ---- parameters and optimizer -----------------------------------------------------------------
 def set_trainable_(model: nn.Module, cfg: TrainConfig) -> list[str]:
-    """requires_grad on the parameters cfg.trainable matches (minus cfg.frozen); returns their names."""
-    names = []
+    """requires_grad on the parameters cfg.trainable matches (minus cfg.frozen, and under DP the embedding and
+    output tables: privacy.FROZEN_UNDER_DP); returns their names."""
+    names, frozen = [], cfg.frozen + (dp.FROZEN_UNDER_DP if cfg.privacy else ())
     for name, p in model.named_parameters():
         p.requires_grad_(any(fnmatch.fnmatchcase(name, pat) for pat in cfg.trainable)
-                         and not any(fnmatch.fnmatchcase(name, pat) for pat in cfg.frozen))
+                         and not any(fnmatch.fnmatchcase(name, pat) for pat in frozen))
         if p.requires_grad:
             names.append(name)
     require(bool(names), f"no parameter matches the trainable patterns {list(cfg.trainable)}")
@@ -258,7 +292,7 @@ def _save(model, optimizer, env, state_dir: Path, fingerprint: dict, prog: Progr
     model_state, optim_state = dist.full_states(model, optimizer, env)
     if env.main:
         meta = {**fingerprint, "step": prog.step, "consumed": prog.consumed, "tokens": prog.tokens,
-                "loss_curve": prog.loss_curve, "val_curve": prog.val_curve}
+                "loss_curve": prog.loss_curve, "val_curve": prog.val_curve, "dp_secret": prog.secret}
         state.save_state(state_dir, prog.step, model_state, optim_state, meta)
     env.barrier()
 
@@ -278,6 +312,7 @@ def _resume(model, optimizer, env, state_dir: Path | None, fingerprint: dict, pr
     state.restore_rng(meta)
     prog.step, prog.consumed, prog.tokens = meta["step"], meta["consumed"], meta["tokens"]
     prog.loss_curve, prog.val_curve = meta["loss_curve"], meta["val_curve"]
+    prog.secret = meta.get("dp_secret")
     return prog.step
 
 

@@ -34,5 +34,6 @@ class TrainStep:
 
 def summary(result: TrainResult, data: TrainData, base: str | None = None) -> dict:
     """The measured part of a training step's record."""
-    return {"base": base, "data": data.info, "steps": result.steps, "tokens": result.tokens,
-            "final_loss": result.final_loss, "val_loss": result.val_loss}
+    out = {"base": base, "data": data.info, "steps": result.steps, "tokens": result.tokens,
+           "final_loss": result.final_loss, "val_loss": result.val_loss}
+    return out if result.privacy is None else {**out, "privacy": result.privacy}
