@@ -99,8 +99,8 @@ def lora_modules(model: nn.Module) -> list[tuple[str, LoRALinear]]:
 
 
 def apply_lora_(model: nn.Module, cfg: LoRAConfig) -> list[str]:
-    """Wrap every linear (float or packed) that cfg.layers selects in a LoRALinear; returns their names.
-    Refuses a model that already has adapters, a filter that matches nothing and a rank above a matrix's."""
+    """Wrap every linear (float or packed) that cfg.layers selects in a LoRALinear and freeze everything
+    else; returns their names. Refuses a model that already has adapters, a filter that matches nothing and a rank above a matrix's."""
     cfg.validate()
     require(not lora_modules(model), "the model already has LoRA adapters; merge them first (slm merge)")
     chosen = [(n, m) for n, m in model.named_modules() if is_matrix(m) and n and cfg.layers(n)]
@@ -110,6 +110,9 @@ def apply_lora_(model: nn.Module, cfg: LoRAConfig) -> list[str]:
     for name, module in chosen:
         smallest = min(module.in_features, module.out_features)
         require(cfg.rank <= smallest, f"LoRA rank {cfg.rank} exceeds {name}'s smaller side ({smallest})")
+    for p in model.parameters():
+        p.requires_grad_(False)  # as PEFT does: the adapters alone train
+    for name, module in chosen:
         set_module(model, name, LoRALinear(module, cfg.rank, cfg.alpha, cfg.dropout, cfg.rslora))
     return [n for n, _ in chosen]
 

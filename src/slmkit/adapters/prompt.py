@@ -41,5 +41,7 @@ def apply_prompt_tuning_(model: nn.Module, cfg: PromptTuningConfig) -> nn.Parame
             f"of {model.cfg.max_seq_len}")
     tokens = torch.randint(model.cfg.vocab_size, (cfg.n_virtual,), generator=torch.Generator().manual_seed(cfg.seed))
     rows = model.embed(tokens.to(model.device)).float()  # [n, C]
+    for p in model.parameters():
+        p.requires_grad_(False)  # the virtual tokens alone train
     model.prompt = nn.Parameter(rows.clone())
     return model.prompt
