@@ -4,6 +4,7 @@ is exact up to float rounding; into a packed base it re-quantizes, and the KL sa
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
@@ -34,7 +35,7 @@ class MergeStep:
     needs_calibration: ClassVar[bool] = True
 
     def apply_(self, model: nn.Module, tokens: torch.Tensor) -> None:
-        if not lora_modules(model):
+        if not lora_modules(model) and model.prompt is None:  # a bare base: the adapter goes on first
             load_adapter_(model, Path(self.adapter))
         self.result = merge_measured_(model, tokens)
 
@@ -60,7 +61,8 @@ def merge(adapter: Path, out: Path, base: str | None = None, force: bool = False
     """`slm merge`: base + adapter -> a merged slmkit checkpoint at `out`, its history ending with the step."""
     require(force or not Path(out).exists(), f"{out} exists; pass --force to replace it")
     lm = load_adapted(Path(adapter), base=base)
-    step = MergeStep(str(Path(adapter).resolve()))
+    text = dataclasses.replace(KL_TEXT, length=min(KL_TEXT.length, lm.model.cfg.max_seq_len))
+    step = MergeStep(str(Path(adapter).resolve()), text)
     step.apply_(lm.model, calibration_tokens(lm.tokenizer, step.calib))
     lm.model.compression.append(step_record(step))
     return save_checkpoint(lm.model, lm.tokenizer, Path(out), force=force), step.result

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 import secrets
+import warnings
 from dataclasses import asdict, dataclass
 
 import torch
@@ -169,7 +170,9 @@ def dp_backward_step(runner, objective: Objective, batches: list[Batch], privacy
     loss_sum, tokens, device = 0.0, 0, params[0].device
     for batch in batches:
         part, count = objective.loss_sum(runner, batch.to(device))
-        (part / privacy.mean_tokens).backward()
+        with warnings.catch_warnings():  # the first adapters' inputs need no gradient: torch says so, rightly
+            warnings.filterwarnings("ignore", "Full backward hook is firing")
+            (part / privacy.mean_tokens).backward()
         clipped, _ = clip_per_sample([p.grad_sample for p in params], privacy.clip_norm)
         for total, c in zip(sums, clipped):
             total += c
