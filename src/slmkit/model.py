@@ -260,10 +260,13 @@ class Decoder(nn.Module):
 
     def loss_sum(self, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Final hidden states [B, T, C] and labels [B, T] -> the summed next-token cross-entropy; a float output
-        matrix is applied in chunks (losses.linear_cross_entropy), so the [B, T, V] logits are never held."""
+        or packed output matrix is applied in chunks (losses.linear_cross_entropy), so the [B, T, V] logits are
+        never held."""
         head = self.output_module
         if isinstance(head, (nn.Linear, nn.Embedding)):
             return linear_cross_entropy(x.flatten(0, 1), head.weight, labels.flatten())  # [B*T, C], [B*T]
+        if not getattr(head, "act_bits", 0):  # a packed table: its float matrix for this product only (no grad)
+            return linear_cross_entropy(x.flatten(0, 1), head.dequantize(), labels.flatten())
         logits = self.project(x)  # [B, T, V]
         return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE, reduction="sum")
 

@@ -33,6 +33,9 @@ from ..errors import SlmError, require
 from .objectives import Batch, Objective
 
 ACCOUNTANTS = ("rdp", "prv")
+# RDP orders beyond Opacus's defaults (which stop at 63): at few steps or a large epsilon the best order is
+# higher, and with the defaults alone Opacus over-states epsilon (it warns "optimal order is the largest alpha").
+EXTRA_ALPHAS = (80, 100, 128, 160, 200, 256, 320, 400, 512, 768, 1024)
 FROZEN_UNDER_DP = ("embed.weight", "lm_head.weight")
 
 
@@ -66,10 +69,27 @@ def _finite(x) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
+def _need_opacus() -> None:
+    import importlib.util
+
+    require(importlib.util.find_spec("opacus") is not None,
+            "DP-SGD uses Opacus's accountants and per-sample gradients: pip install 'slmkit[dp]' (opacus)")
+
+
 def make_accountant(name: str):
+    _need_opacus()
     from opacus.accountants import PRVAccountant, RDPAccountant
 
     return RDPAccountant() if name == "rdp" else PRVAccountant()
+
+
+def accountant_options(name: str) -> dict:
+    """What slmkit passes to the accountant's get_epsilon: the RDP orders (Opacus's defaults plus EXTRA_ALPHAS)."""
+    if name != "rdp":
+        return {}
+    from opacus.accountants import RDPAccountant
+
+    return {"alphas": list(RDPAccountant.DEFAULT_ALPHAS) + list(EXTRA_ALPHAS)}
 
 
 def epsilon_of(accountant: str, noise_multiplier: float, sample_rate: float, steps: int, delta: float) -> float:
@@ -80,7 +100,7 @@ def epsilon_of(accountant: str, noise_multiplier: float, sample_rate: float, ste
         return math.inf
     acc = make_accountant(accountant)
     acc.history = [(noise_multiplier, sample_rate, steps)]
-    return float(acc.get_epsilon(delta=delta))
+    return float(acc.get_epsilon(delta=delta, **accountant_options(accountant)))
 
 
 @dataclass
@@ -103,6 +123,7 @@ class Privacy:
         return {"epsilon": eps, "delta": self.delta, "noise_multiplier": self.noise_multiplier,
                 "sample_rate": self.sample_rate, "steps": steps_taken, "clip_norm": self.clip_norm,
                 "accountant": f"opacus {self.accountant}", "sampling": "poisson",
+                "accountant_options": accountant_options(self.accountant),
                 "frozen": list(FROZEN_UNDER_DP)}
 
     def batches(self, train, step: int, micro_batch: int) -> list[Batch]:
@@ -119,6 +140,7 @@ def plan(cfg: DPConfig, n_train: int, expected_batch: int, steps: int, mean_toke
          secret: int | None = None) -> Privacy:
     """Resolve sigma (from the target epsilon, through the accountant) for a run of `steps` steps."""
     cfg.validate()
+    _need_opacus()
     q = expected_batch / n_train
     require(q <= 1, f"DP: a step expects {expected_batch} sequences but the data has only {n_train}; lower "
             "--batch-size x --grad-accum")
@@ -133,7 +155,8 @@ def _noise_for(cfg: DPConfig, delta: float, q: float, steps: int) -> float:
 
     try:
         return float(get_noise_multiplier(target_epsilon=cfg.epsilon, target_delta=delta, sample_rate=q,
-                                          steps=steps, accountant=cfg.accountant))
+                                          steps=steps, accountant=cfg.accountant,
+                                          **accountant_options(cfg.accountant)))
     except (ValueError, RuntimeError, OverflowError) as exc:
         raise SlmError(f"DP: the {cfg.accountant} accountant finds no noise multiplier for epsilon {cfg.epsilon}, "
                        f"delta {delta:g}, sample rate {q:.4g}, {steps} steps ({exc})") from None
