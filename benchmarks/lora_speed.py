@@ -13,6 +13,8 @@ training high-water mark after loading, one warm-up step then --steps timed step
                           the tied table packed 8-bit as slm quantize writes it): the base stays packed
     slmkit QLoRA int4 ckpt  the same, with --checkpointing (each block's activations recomputed in the backward),
                           as QLoRA is run to save memory
+    slmkit QLoRA int4 low-mem  --low-memory: checkpointing, and large buffers returned to the OS when freed
+                          (slmkit.train.memory), so the peak tracks live memory
     slmkit full FT        every weight trains (the memory the QLoRA ratio is taken against)
     slmkit LoRA DP-SGD    --dp-noise 1.0 --dp-clip 1.0: Poisson batches of expected size 4 (their sizes vary;
                           tokens/s counts what was trained), per-sample gradients through Opacus's hooks
@@ -28,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -43,7 +44,8 @@ from train_speed import (MICRO, SEED, SEQ, THREADS, fmt, hf_model, median_of, pa
 
 LR, RANK, ALPHA = 1e-4, 8, 16.0
 SEVEN = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-ENGINES = ("slmkit LoRA", "PEFT LoRA", "slmkit QLoRA int4", "slmkit QLoRA int4 ckpt", "slmkit full FT",
+ENGINES = ("slmkit LoRA", "PEFT LoRA", "slmkit QLoRA int4", "slmkit QLoRA int4 ckpt", "slmkit QLoRA int4 low-mem",
+           "slmkit full FT",
            "slmkit LoRA DP-SGD", "Opacus PEFT DP-SGD")
 
 
@@ -123,7 +125,8 @@ def child(spec: dict) -> dict:
             "process_peak_rss_mb": peak_rss_mb()}
 
 
-def _slmkit(spec: dict, ids: torch.Tensor, folder: str, lora: bool, privacy=None, checkpointing: bool = False):
+def _slmkit(spec: dict, ids: torch.Tensor, folder: str, lora: bool, privacy=None, checkpointing: bool = False,
+            release: bool = False):
     from slmkit.adapters import LoRAConfig, apply_lora_
     from slmkit.loader import load
     from slmkit.train import TrainConfig, train
@@ -138,7 +141,8 @@ def _slmkit(spec: dict, ids: torch.Tensor, folder: str, lora: bool, privacy=None
     trainable = ("*.lora_A.weight", "*.lora_B.weight") if lora else ("*",)
     cfg = TrainConfig(trainable=trainable, lr=LR, schedule="constant", betas=(0.9, 0.999), seq_len=SEQ,
                       micro_batch=MICRO, max_steps=spec["steps"] + 1, seed=SEED,
-                      clip=None if privacy else 1.0, privacy=privacy, checkpointing=checkpointing)
+                      clip=None if privacy else 1.0, privacy=privacy, checkpointing=checkpointing,
+                      release_memory=release)
     reset_peak_rss()
     result = train(model, TrainData(Sequences(ids[inverse]), None), cfg, show=False)
     n = sum(p.numel() for p in model.parameters() if p.requires_grad) if not lora else \
@@ -156,6 +160,10 @@ def run_slmkit_qlora(spec, ids):
 
 def run_slmkit_qlora_ckpt(spec, ids):
     return _slmkit(spec, ids, spec["packed"], lora=True, checkpointing=True)
+
+
+def run_slmkit_qlora_low(spec, ids):
+    return _slmkit(spec, ids, spec["packed"], lora=True, checkpointing=True, release=True)
 
 
 def run_slmkit_full(spec, ids):
@@ -225,7 +233,7 @@ def run_opacus(spec, ids):
 
 
 RUNNERS = {"slmkit LoRA": run_slmkit_lora, "PEFT LoRA": run_peft, "slmkit QLoRA int4": run_slmkit_qlora,
-           "slmkit QLoRA int4 ckpt": run_slmkit_qlora_ckpt,
+           "slmkit QLoRA int4 ckpt": run_slmkit_qlora_ckpt, "slmkit QLoRA int4 low-mem": run_slmkit_qlora_low,
            "slmkit full FT": run_slmkit_full, "slmkit LoRA DP-SGD": run_slmkit_dp, "Opacus PEFT DP-SGD": run_opacus}
 
 if __name__ == "__main__":

@@ -385,3 +385,23 @@ def test_training_is_a_pipeline_step_beside_compression(tmp_path):
     run_pipeline_(replay, word_tokenizer(), [step_from_record(r) for r in model.compression])
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), replay.state_dict().values()))
     assert step_record(again)["train"] == record["train"]
+
+
+def test_checkpointing_and_released_memory_change_no_weight():
+    from slmkit.train.memory import large_buffers_released
+
+    data = random_data()
+    cfg = TrainConfig(max_steps=3, micro_batch=2, lr=1e-2)
+    plain, low = tiny_model(), tiny_model()
+    train(plain, data, cfg, show=False)
+    train(low, data, TrainConfig(max_steps=3, micro_batch=2, lr=1e-2, checkpointing=True, release_memory=True),
+          show=False)
+    for (n, a), b in zip(plain.state_dict().items(), low.state_dict().values()):
+        assert torch.allclose(a, b, atol=1e-6), n
+    assert not low.checkpoint_blocks  # the model is left as it was
+    import platform
+
+    with large_buffers_released(True) as active:
+        assert active == (platform.libc_ver()[0] == "glibc")  # mallopt exists on glibc only
+    with large_buffers_released(False) as active:
+        assert not active

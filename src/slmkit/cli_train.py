@@ -45,6 +45,8 @@ def train_parser(sub) -> None:
                    "(default: all)")
     t.add_argument("--checkpointing", action="store_true", help="recompute each block's activations in the "
                    "backward: less memory for about a third more time")
+    t.add_argument("--low-memory", action="store_true", help="--checkpointing, and large buffers handed back to "
+                   "the OS when freed: the least peak memory, about 1.5x the step time")
     _adapter_args(t)
     _privacy_args(t)
     t.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where the model trains (cuda: under "
@@ -74,7 +76,8 @@ def cmd_train(args) -> None:
                       max_tokens=args.tokens, max_epochs=args.epochs, max_time_s=args.max_time,
                       clip=None if privacy else args.clip or None, precision=args.dtype, seed=args.seed,
                       eval_every=args.eval_every, save_every=args.save_every, distributed=args.distributed,
-                      checkpointing=args.checkpointing, privacy=privacy)
+                      checkpointing=args.checkpointing or args.low_memory, release_memory=args.low_memory,
+                      privacy=privacy)
     run, out = run_train(job, cfg, sys.argv)
     if run is not None:
         print_summary(run, out)

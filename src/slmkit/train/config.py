@@ -55,6 +55,8 @@ class TrainConfig:
     log_every: int = 10  # steps between log lines when stderr is not a terminal
     distributed: str = "none"  # none | ddp | fsdp (FSDP2 fully_shard per block); needs torchrun
     checkpointing: bool = False  # recompute each block's activations in the backward (less memory, ~1/3 more time)
+    release_memory: bool = False  # hand large buffers back to the OS when freed (train/memory.py): peak RSS
+    #                               tracks live memory, at ~1.5x the step time on glibc
     privacy: DPConfig | None = None  # DP-SGD (slmkit.train.privacy): per-sample clipping, noise, Poisson sampling
 
     def validate(self) -> "TrainConfig":

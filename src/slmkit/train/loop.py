@@ -24,6 +24,7 @@ from torch import nn
 
 from ..errors import SlmError, require
 from . import dist, privacy as dp, state
+from .memory import large_buffers_released
 from .config import TrainConfig, lr_at
 from .data import TrainData
 from .meter import Meter
@@ -76,8 +77,9 @@ def train(model, data: TrainData, cfg: TrainConfig, state_dir: Path | None = Non
     if resume:
         resumed = _resume(model, optimizer, env, state_dir, _fingerprint(model, data, cfg, env), prog)
     try:
-        result = _run(runner, model, optimizer, scaler, data, cfg, env, total, prog, state_dir, show,
-                      _resumed_privacy(privacy, prog))
+        with large_buffers_released(cfg.release_memory):
+            result = _run(runner, model, optimizer, scaler, data, cfg, env, total, prog, state_dir, show,
+                          _resumed_privacy(privacy, prog))
     finally:
         model.checkpoint_blocks = False
         if privacy:
