@@ -19,7 +19,8 @@ from conftest import tokens
 from test_cli import run
 from test_quant_model import tiny_model
 
-from slmkit.checkpoint import export_hf, export_model, save_checkpoint
+from slmkit.checkpoint import export_hf, save_checkpoint
+from slmkit.export import export_model
 from slmkit.errors import SlmError
 from slmkit.prune import PruneConfig, prune_
 from slmkit.prune.compressed_tensors import (bitmask_parts, export_hf_sparse, is_two_four, pack_row_bits,

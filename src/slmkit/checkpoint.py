@@ -17,13 +17,10 @@ from . import convert
 from .config import ModelConfig
 from .errors import SlmError, require
 from .files import atomic_output
+from .modules import contiguous_state  # noqa: F401  (re-exported: callers take it from here too)
 
 CHECKPOINT_FORMAT = 1
 CHECKPOINT_MARKER = "slmkit.json"
-
-
-def contiguous_state(model) -> dict[str, torch.Tensor]:
-    return {k: v.detach().contiguous() for k, v in model.state_dict().items()}
 
 
 def save_checkpoint(model, tokenizer, out: Path, force: bool = False, sparse_storage: bool = False) -> Path:
@@ -52,7 +49,7 @@ def export_hf(model, tokenizer, out: Path, force: bool = False) -> Path:
     """A Hugging Face folder (config.json, model.safetensors, tokenizer) that transformers loads as-is.
 
     Shared blocks are unrolled and layer-wise widths padded (exactly) so any model becomes a plain layout.
-    Packed weights are refused here: export_model writes them in the compressed-tensors format."""
+    Packed weights are refused here: slmkit.export.export_model writes them in the compressed-tensors format."""
     refuse_packed(model)
     hf_state, cfg = float_hf_state(model)
     return write_hf_folder(out, hf_state, convert.config_to_hf(cfg), tokenizer, cfg, force)
@@ -91,27 +88,6 @@ def write_hf_folder(out: Path, hf_state: dict, hf_config: dict, tokenizer, cfg: 
         gen = {"bos_token_id": cfg.bos_token_id, "eos_token_id": sorted(tokenizer.stop_ids()) or cfg.eos_token_id}
         (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2))
     return Path(out)
-
-
-def export_model(model, tokenizer, out: Path, fmt: str, file_type: str = "auto", force: bool = False) -> Path:
-    """`slm export`: GGUF (export_gguf) or a Hugging Face folder (float: export_hf; packed weights:
-    compressed-tensors, slmkit.quant.compressed_tensors; file_type a sparse format: compressed-tensors'
-    sparse storage of a pruned float model, slmkit.prune.compressed_tensors)."""
-    from .quant.packed import PackedWeight
-
-    from .prune.compressed_tensors import SPARSE_FORMATS, export_hf_sparse
-
-    if fmt == "gguf":
-        return export_gguf(model, tokenizer, Path(out), file_type, force)
-    if file_type in SPARSE_FORMATS:
-        return export_hf_sparse(model, tokenizer, Path(out), file_type, force)
-    require(file_type == "auto", f"--type {file_type} is a GGUF type; a Hugging Face folder takes auto (float or "
-            f"packed weights as they are) or a sparse format: {', '.join(SPARSE_FORMATS)}")
-    if any(isinstance(m, PackedWeight) for m in model.modules()):
-        from .quant.compressed_tensors import export_hf_compressed
-
-        return export_hf_compressed(model, tokenizer, Path(out), force)
-    return export_hf(model, tokenizer, Path(out), force)
 
 
 def export_gguf(model, tokenizer, out: Path, file_type: str = "auto", force: bool = False) -> Path:

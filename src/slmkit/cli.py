@@ -337,7 +337,7 @@ def _prune_structured(args) -> None:
 
 
 def cmd_export(args) -> None:
-    from .checkpoint import export_model
+    from .export import export_model
 
     loaded = _load(args)
     print(export_model(loaded.model, loaded.tokenizer, args.out, args.format, args.type, args.force))

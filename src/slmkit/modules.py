@@ -67,25 +67,28 @@ def check_unshared(model: nn.Module) -> None:
             "supported; unshare the model first")
 
 
+# Packed (quantized) linear module types, registered by slmkit.quant.packed when it is imported (a model can only
+# hold one after that): the walker counts them as matrices without importing the quantization package.
+PACKED_LINEARS: list[type] = []
+
+
 def is_matrix(module: nn.Module) -> bool:
     """A weight matrix a token's computation reads: a linear layer, float or packed (not an embedding lookup)."""
-    from .quant.packed import QuantLinear
-
-    return isinstance(module, (nn.Linear, QuantLinear))
+    return isinstance(module, (nn.Linear, *PACKED_LINEARS))
 
 
 def matrix_numel(module: nn.Module) -> int:
     """Weights the matrix (or table) stands for: a packed one counts its logical [out, in] entries."""
-    from .quant.packed import PackedWeight
-
-    return module.weight_numel if isinstance(module, PackedWeight) else module.weight.numel()
+    packed = getattr(module, "weight_numel", None)
+    return packed if packed is not None else module.weight.numel()
 
 
 def matrix_bytes(module: nn.Module) -> int:
     """Bytes the matrix (or table) really occupies: the float weight, or the packed codes, scales and offsets."""
-    from .quant.packed import PackedWeight
+    stored = getattr(module, "stored_bytes", None)
+    return stored() if stored is not None else module.weight.numel() * module.weight.element_size()
 
-    if isinstance(module, PackedWeight):
-        return sum(t.numel() * t.element_size() for t in (module.qweight, module.scales, module.offsets)
-                   if t is not None)
-    return module.weight.numel() * module.weight.element_size()
+
+def contiguous_state(model: nn.Module) -> dict:
+    """The model's state dict, detached and contiguous (what a safetensors file takes)."""
+    return {k: v.detach().contiguous() for k, v in model.state_dict().items()}

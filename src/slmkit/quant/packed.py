@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import kernels
+from ..modules import PACKED_LINEARS, contiguous_state, set_module
 from .scheme import QScheme, dequantize_weight, pack, packed_width, unpack
 
 
@@ -64,6 +65,10 @@ class PackedWeight(nn.Module):
     @property
     def weight_numel(self) -> int:
         return self.out_features * self.in_features
+
+    def stored_bytes(self) -> int:
+        """Bytes the codes, scales and offsets occupy."""
+        return sum(t.numel() * t.element_size() for t in (self.qweight, self.scales, self.offsets) if t is not None)
 
     def extra_repr(self) -> str:
         return f"{self.in_features} -> {self.out_features}, {self.scheme.describe()}"
@@ -112,6 +117,9 @@ class QuantLinear(PackedWeight):
         return super().extra_repr() + (f", activations int{self.act_bits} per token" if self.act_bits else "")
 
 
+PACKED_LINEARS.append(QuantLinear)
+
+
 def quantize_activations(x: torch.Tensor, bits: int) -> torch.Tensor:
     """Dynamic per-token symmetric quantization of x [..., C]: the values int`bits` codes times a per-token
     scale stand for (the product that follows equals an integer product rescaled, up to float summation)."""
@@ -156,8 +164,6 @@ def state_with_packed_as(model: nn.Module, parts: Callable[[str, PackedWeight], 
                          ) -> dict[str, torch.Tensor]:
     """The model's state (detached, contiguous) with each packed module's buffers (qweight, scales, offsets)
     replaced by parts(name, module) = {suffix: tensor}, stored as NAME.suffix: what an export writes instead."""
-    from ..checkpoint import contiguous_state
-
     state = contiguous_state(model)
     for name, module in model.named_modules():
         if isinstance(module, PackedWeight):
@@ -176,8 +182,6 @@ def packed_layout(model: nn.Module) -> dict[str, dict]:
 
 def restore_layout_(model: nn.Module, layout: dict[str, dict]) -> None:
     """Put empty packed modules where `layout` says (before loading a state dict into them)."""
-    from ..modules import set_module
-
     for name, spec in layout.items():
         scheme = QScheme(spec["bits"], spec["group_size"], spec["symmetric"])
         old = model.get_submodule(name)
