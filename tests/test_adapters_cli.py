@@ -148,3 +148,10 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, base, capsys)
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "made for another base" in err[0] and not (tmp_path / "m").exists()
     assert main(["eval", str(tmp_path), "--tasks", DATA]) == 2  # a folder that is no model at all
+    capsys.readouterr()
+    for argv in (["quantize", str(adapter), "--method", "rtn", "-o", str(tmp_path / "q")],
+                 ["prune", str(adapter), "--method", "magnitude", "-o", str(tmp_path / "q")],
+                 ["export", str(adapter), "--format", "hf", "-o", str(tmp_path / "q")]):
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "slm merge ADAPTER" in err[0] and not (tmp_path / "q").exists(), argv

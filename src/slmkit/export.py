@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from .adapters import refuse_adapted
 from .checkpoint import export_gguf, export_hf
 from .errors import require
 from .prune.compressed_tensors import SPARSE_FORMATS, export_hf_sparse
@@ -17,6 +18,7 @@ def export_model(model, tokenizer, out: Path, fmt: str, file_type: str = "auto",
     """`slm export`: GGUF (export_gguf) or a Hugging Face folder (float: export_hf; packed weights:
     compressed-tensors, slmkit.quant.compressed_tensors; file_type a sparse format: compressed-tensors'
     sparse storage of a pruned float model, slmkit.prune.compressed_tensors)."""
+    refuse_adapted(model, "slm export")
     if fmt == "gguf":
         return export_gguf(model, tokenizer, Path(out), file_type, force)
     if file_type in SPARSE_FORMATS:

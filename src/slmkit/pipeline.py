@@ -51,6 +51,10 @@ def compress(spec, steps: list, out, force: bool = False, sparse_storage: bool =
 
     require(force or not Path(out).exists(), f"{out} exists; pass --force to replace it")
     lm = load(spec)
+    if not any(getattr(cfg, "method", None) == "merge_lora" for cfg in steps):
+        from .adapters import refuse_adapted
+
+        refuse_adapted(lm.model, "compression")
     run_pipeline_(lm.model, lm.tokenizer, steps)
     return save_checkpoint(lm.model, lm.tokenizer, Path(out), force=force, sparse_storage=sparse_storage)
 

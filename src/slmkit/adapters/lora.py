@@ -123,6 +123,14 @@ def adapter_parameters(model: nn.Module) -> tuple[str, ...]:
     return patterns + (("prompt",) if getattr(model, "prompt", None) is not None else ())
 
 
+def refuse_adapted(model: nn.Module, action: str) -> None:
+    """One line instead of a wrong result: compression and export work on plain models (an adapter's LoRA
+    matrices would be quantized, or dropped by an export); merge first."""
+    require(not lora_modules(model) and getattr(model, "prompt", None) is None,
+            f"{action} takes a plain model, not base + adapter: fold a LoRA adapter in first (slm merge ADAPTER "
+            "-o MERGED), then use MERGED")
+
+
 @torch.no_grad()
 def merge_lora_(model: nn.Module) -> list[str]:
     """Fold every adapter into its base and put the base back in its place; returns the merged names.
