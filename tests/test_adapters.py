@@ -308,3 +308,46 @@ def test_corrupt_adapter_files_are_one_line_errors(bases, tmp_path):
     (out / "adapter_config.json").write_text("[1, 2")
     with pytest.raises(SlmError, match="not valid JSON"):
         load(str(out))
+
+
+# ---- DoRA -------------------------------------------------------------------------------------------
+def test_dora_starts_at_the_base_merges_exactly_and_trains_its_magnitude():
+    model = tiny()
+    x = ids()
+    with torch.no_grad():
+        before = model(x)
+    apply_lora_(model, LoRAConfig(rank=4, dora=True))
+    with torch.no_grad():
+        assert torch.allclose(model(x), before, atol=1e-5)  # m = ||W||: the fresh adapter changes nothing
+    randomize_lora_(model)
+    with torch.no_grad():
+        for _, m in lora_modules(model):
+            m.lora_magnitude_vector.mul_(1.3)
+    model.train()
+    model(x[:, :-1], labels=x[:, 1:]).backward()
+    assert all(m.lora_magnitude_vector.grad is not None for _, m in lora_modules(model))
+    model.eval()
+    with torch.no_grad():
+        adapted = model(x)
+        merge_lora_(model)
+        assert torch.allclose(model(x), adapted, atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["smollm", "qwen2"])
+def test_dora_files_match_peft_both_ways(family, bases, tmp_path):
+    peft = pytest.importorskip("peft")
+    folder = bases[family]
+    lm = load(str(folder))
+    apply_lora_(lm.model, LoRAConfig(rank=4, alpha=8.0, dora=True))
+    randomize_lora_(lm.model, scale=0.1)
+    out = save_adapter(lm.model, tmp_path / "dora", str(folder), [])
+    x = tokens(12)
+    with torch.no_grad():
+        assert torch.allclose(lm.model(x), _peft_logits(folder, out, x), atol=1e-4, rtol=0)
+    made = peft.get_peft_model(fresh_hf(folder), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["v_proj", "up_proj"],
+                                                                  task_type="CAUSAL_LM", use_dora=True))
+    randomize_lora_(made, scale=0.1)
+    made.save_pretrained(tmp_path / "peft-dora")
+    with torch.no_grad():
+        expected = made(input_ids=x).logits
+        assert torch.allclose(load_adapted(tmp_path / "peft-dora", base=str(folder)).model(x), expected, atol=1e-4)

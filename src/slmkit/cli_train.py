@@ -102,6 +102,7 @@ def _adapter_args(t) -> None:
                    "patterns on module names (default: all seven projections of every block)")
     t.add_argument("--lora-dropout", type=float, default=0.0)
     t.add_argument("--rslora", action="store_true", help="scale by alpha / sqrt(rank) (rsLoRA)")
+    t.add_argument("--dora", action="store_true", help="DoRA: also train a magnitude per output row")
     t.add_argument("--prompt-tuning", type=int, default=None, metavar="N", help="train N virtual tokens instead")
 
 
@@ -117,9 +118,10 @@ def _privacy_args(t) -> None:
 def _adapter(args):
     from .errors import require
 
-    lora_opts = [args.lora_alpha is not None, args.lora_targets is not None, bool(args.lora_dropout), args.rslora]
-    require(args.lora is not None or not any(lora_opts), "--lora-alpha, --lora-targets, --lora-dropout and "
-            "--rslora go with --lora R")
+    lora_opts = [args.lora_alpha is not None, args.lora_targets is not None, bool(args.lora_dropout), args.rslora,
+                 args.dora]
+    require(args.lora is not None or not any(lora_opts), "--lora-alpha, --lora-targets, --lora-dropout, "
+            "--rslora and --dora go with --lora R")
     require(args.lora is None or args.prompt_tuning is None, "give --lora or --prompt-tuning, not both")
     if args.prompt_tuning is not None:
         from .adapters import PromptTuningConfig
@@ -132,7 +134,7 @@ def _adapter(args):
 
     layers = targets(args.lora_targets) if args.lora_targets else LayerFilter()
     alpha = args.lora_alpha if args.lora_alpha is not None else 2.0 * args.lora
-    return LoRAConfig(args.lora, alpha, args.lora_dropout, layers, args.rslora).validate()
+    return LoRAConfig(args.lora, alpha, args.lora_dropout, layers, args.rslora, args.dora).validate()
 
 
 def _privacy(args):

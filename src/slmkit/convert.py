@@ -390,7 +390,8 @@ PEFT_PREFIX = "base_model.model."  # PeftModel -> its tuner model -> transformer
 # The tensors of one adapted linear: (slmkit suffix, PEFT suffix) after the module's name. No value changes:
 # slmkit's q/k rows are in transformers' order (a llama GGUF's row permutation is undone when it is loaded,
 # see llama_cpp_unpermute), so the lora_B of q_proj and k_proj is written as it is.
-PEFT_LORA = (("lora_A.weight", "lora_A.weight"), ("lora_B.weight", "lora_B.weight"))
+PEFT_LORA = (("lora_A.weight", "lora_A.weight"), ("lora_B.weight", "lora_B.weight"),
+             ("lora_magnitude_vector", "lora_magnitude_vector"))  # DoRA's magnitude [out]: no ".weight"
 PEFT_PROMPT = (("prompt", "prompt_embeddings"),)  # prompt tuning: [n virtual tokens, C], no prefix
 
 

@@ -39,6 +39,8 @@ def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """The adapter's own tensors under slmkit names (lora_A / lora_B of every adapted linear, the prompt)."""
     state = {f"{n}.{part}.weight": getattr(m, part).weight.detach() for n, m in lora_modules(model)
              for part in ("lora_A", "lora_B")}
+    state.update({f"{n}.lora_magnitude_vector": m.lora_magnitude_vector.detach() for n, m in lora_modules(model)
+                  if m.lora_magnitude_vector is not None})
     if getattr(model, "prompt", None) is not None:
         state["prompt"] = model.prompt.detach()
     return state
@@ -68,10 +70,12 @@ def peft_config(model: nn.Module, base: str | None) -> dict:
                 "token_dim": model.cfg.dim, "num_transformer_submodules": 1, "num_attention_heads": model.cfg.n_heads,
                 "num_layers": model.cfg.n_layers, "prompt_tuning_init": "SAMPLE_VOCAB"}
     first = lora[0][1]
-    same = all((m.rank, m.alpha, m.rslora) == (first.rank, first.alpha, first.rslora) for _, m in lora)
+    dora = first.lora_magnitude_vector is not None
+    same = all((m.rank, m.alpha, m.rslora, m.lora_magnitude_vector is not None) ==
+               (first.rank, first.alpha, first.rslora, dora) for _, m in lora)
     require(same, "PEFT's adapter_config holds one rank and alpha; the adapters differ")
     return {**common, "peft_type": "LORA", "r": first.rank, "lora_alpha": first.alpha,
-            "lora_dropout": first.dropout_p, "use_rslora": first.rslora, "use_dora": False, "bias": "none",
+            "lora_dropout": first.dropout_p, "use_rslora": first.rslora, "use_dora": dora, "bias": "none",
             "fan_in_fan_out": False, "init_lora_weights": True, "rank_pattern": {}, "alpha_pattern": {},
             "target_modules": _targets(model, [n for n, _ in lora])}
 
@@ -133,14 +137,15 @@ def _check_base(made_for: dict, this: dict, folder: Path) -> None:
 
 
 def _put_lora(model: nn.Module, config: dict, state: dict[str, torch.Tensor], folder: Path) -> None:
-    unsupported = {k: config.get(k) for k in ("use_dora", "fan_in_fan_out", "rank_pattern", "alpha_pattern")
+    unsupported = {k: config.get(k) for k in ("fan_in_fan_out", "rank_pattern", "alpha_pattern")
                    if config.get(k)} | ({"bias": config["bias"]} if config.get("bias", "none") != "none" else {})
     require(not unsupported, f"{folder}: LoRA options slmkit does not read: {unsupported}")
-    modules = sorted({k.rsplit(".", 2)[0] for k in state})  # blocks.{i}.attn.q_proj
+    modules = sorted({k.rsplit(".", 2)[0] for k in state if k.endswith(".weight")})  # blocks.{i}.attn.q_proj
     require(bool(modules), f"{folder}: the adapter holds no LoRA tensors")
     try:
         cfg = LoRAConfig(int(config["r"]), float(config["lora_alpha"]), float(config.get("lora_dropout") or 0.0),
-                         LayerFilter(tuple(modules)), bool(config.get("use_rslora", False)))
+                         LayerFilter(tuple(modules)), bool(config.get("use_rslora", False)),
+                         bool(config.get("use_dora", False)))
     except (KeyError, TypeError, ValueError) as exc:
         raise SlmError(f"{folder}: adapter_config.json: bad or missing LoRA field ({exc})") from None
     apply_lora_(model, cfg)

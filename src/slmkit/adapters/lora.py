@@ -35,6 +35,7 @@ class LoRAConfig:
     dropout: float = 0.0
     layers: LayerFilter = field(default_factory=LayerFilter)  # default: every linear of every block (all seven)
     rslora: bool = False  # scale by alpha / sqrt(rank) instead of alpha / rank
+    dora: bool = False  # weight-decomposed LoRA: a trained magnitude per output row as well
     method: ClassVar[str] = "lora"
     needs_calibration: ClassVar[bool] = False
 
@@ -57,9 +58,12 @@ def targets(names: str) -> LayerFilter:
 
 
 class LoRALinear(nn.Module):
-    """A frozen base linear (float or packed) plus a trainable low-rank update s * B @ A."""
+    """A frozen base linear (float or packed) plus a trainable low-rank update s * B @ A. With DoRA, a trainable
+    magnitude m [out] rescales each output row of the adapted matrix: W' = m * (W + sBA) / ||W + sBA||_row,
+    the row norm taken as a constant in the backward (DoRA's section 4.3, as PEFT does)."""
 
-    def __init__(self, base: nn.Module, rank: int, alpha: float, dropout: float = 0.0, rslora: bool = False):
+    def __init__(self, base: nn.Module, rank: int, alpha: float, dropout: float = 0.0, rslora: bool = False,
+                 dora: bool = False):
         super().__init__()
         self.base, self.alpha, self.rslora, self.dropout_p = base, alpha, rslora, dropout
         self.scaling = alpha / (math.sqrt(rank) if rslora else rank)
@@ -72,6 +76,7 @@ class LoRALinear(nn.Module):
         self.dropout = nn.Dropout(dropout) if dropout else nn.Identity()
         for p in base.parameters():
             p.requires_grad_(False)
+        self.lora_magnitude_vector = nn.Parameter(self._base_weight().norm(dim=1)) if dora else None  # [out]
 
     @property
     def rank(self) -> int:
@@ -79,11 +84,34 @@ class LoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)  # [..., out]
-        return y + (self.lora_B(self.lora_A(self.dropout(x))) * self.scaling).to(y.dtype)
+        delta = (self.lora_B(self.lora_A(self.dropout(x))) * self.scaling).to(y.dtype)  # [..., out]
+        if self.lora_magnitude_vector is None:
+            return y + delta
+        bias = self.base.bias
+        plain = y if bias is None else y - bias.to(y.dtype)
+        scale = (self.lora_magnitude_vector / self._row_norm()).to(y.dtype)  # [out]
+        return scale * (plain + delta) + (0 if bias is None else bias.to(y.dtype))
+
+    def _base_weight(self) -> torch.Tensor:
+        base = self.base
+        return base.dequantize() if isinstance(base, QuantLinear) else base.weight.detach().float()  # [out, in]
+
+    def _row_norm(self) -> torch.Tensor:
+        """||W + s B A|| of every output row [out], without gradient."""
+        with torch.no_grad():
+            return (self._base_weight() + self.delta_weight()).norm(dim=1)
 
     def delta_weight(self) -> torch.Tensor:
         """s * B @ A in float32: the [out, in] update the adapter adds to the base matrix."""
         return lora_delta(self.lora_A.weight, self.lora_B.weight, self.scaling)
+
+    @torch.no_grad()
+    def merged_weight(self) -> torch.Tensor:
+        """The float32 [out, in] matrix base + adapter stand for (DoRA: rescaled row by row)."""
+        weight = self._base_weight() + self.delta_weight()
+        if self.lora_magnitude_vector is None:
+            return weight
+        return weight * (self.lora_magnitude_vector.float() / weight.norm(dim=1))[:, None]
 
     def extra_repr(self) -> str:
         return f"rank {self.rank}, scaling {self.scaling:g}"
@@ -113,13 +141,13 @@ def apply_lora_(model: nn.Module, cfg: LoRAConfig) -> list[str]:
     for p in model.parameters():
         p.requires_grad_(False)  # as PEFT does: the adapters alone train
     for name, module in chosen:
-        set_module(model, name, LoRALinear(module, cfg.rank, cfg.alpha, cfg.dropout, cfg.rslora))
+        set_module(model, name, LoRALinear(module, cfg.rank, cfg.alpha, cfg.dropout, cfg.rslora, cfg.dora))
     return [n for n, _ in chosen]
 
 
 def adapter_parameters(model: nn.Module) -> tuple[str, ...]:
     """Glob patterns of the adapter parameters (what trains when a model is adapted)."""
-    patterns = ("*.lora_A.weight", "*.lora_B.weight") if lora_modules(model) else ()
+    patterns = ("*.lora_A.weight", "*.lora_B.weight", "*.lora_magnitude_vector") if lora_modules(model) else ()
     return patterns + (("prompt",) if getattr(model, "prompt", None) is not None else ())
 
 
@@ -134,15 +162,15 @@ def refuse_adapted(model: nn.Module, action: str) -> None:
 @torch.no_grad()
 def merge_lora_(model: nn.Module) -> list[str]:
     """Fold every adapter into its base and put the base back in its place; returns the merged names.
-    Float bases: W + s * B @ A, computed in float32 and stored in W's dtype. Packed bases: the dequantized
+    Float bases: W + s * B @ A (DoRA: rescaled per row), computed in float32 and stored in W's dtype. Packed bases: the dequantized
     matrix plus the update, re-quantized (round-to-nearest with the MSE scale search) in the base's scheme."""
     merged = []
     for name, m in lora_modules(model):
-        base, delta = m.base, m.delta_weight()
+        base, weight = m.base, m.merged_weight()
         if isinstance(base, QuantLinear):
-            base = _requantized(base, base.dequantize() + delta)
+            base = _requantized(base, weight)
         else:
-            base.weight.data = (base.weight.data.float() + delta).to(base.weight.dtype)
+            base.weight.data = weight.to(base.weight.dtype)
         set_module(model, name, base)
         merged.append(name)
     return merged
