@@ -3,10 +3,10 @@
 glibc's malloc serves blocks above a threshold with mmap (freed at once) and raises that threshold, up to
 32 MB, each time such a block is freed; from the second training step on, activations and dequantized
 matrices then come from its heap, whose free holes between longer-lived tensors it does not reuse well.
-Measured on the default model, LoRA on a packed int4 base with activation checkpointing: a peak RSS of
-4.2 GB at the second step against 0.86 GB of live memory. A fixed 1 MB threshold makes the peak track live
-memory, at the price of fresh pages for every large buffer (about 1.5x the step time here): what a user
-short of memory wants, so it is an option (`TrainConfig.release_memory`, `slm train --low-memory`).
+Measured on the default model, LoRA on a packed int4 base with activation checkpointing
+(benchmarks/lora_speed.py): a peak RSS of 3.1 GB, and 0.87 GB with a fixed 1 MB threshold, which makes the
+peak track live memory at the price of fresh pages for every large buffer (1.6x the step time here): what a
+user short of memory wants, so it is an option (`TrainConfig.release_memory`, `slm train --low-memory`).
 """
 
 from __future__ import annotations
