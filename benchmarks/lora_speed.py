@@ -193,20 +193,7 @@ def run_peft(spec, ids):
     model = _peft_model(spec)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=LR, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
-    losses, seconds, tokens = [], [], []
-    reset_peak_rss()
-    for step in range(spec["steps"] + 1):
-        t0 = time.perf_counter()
-        x = ids[step * MICRO:(step + 1) * MICRO]  # [B, SEQ+1]
-        loss = _summed_loss(model, x)
-        (loss / x[:, 1:].numel()).backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        losses.append(loss.item() / x[:, 1:].numel())
-        seconds.append(time.perf_counter() - t0)
-        tokens.append(x[:, 1:].numel())
-    return losses, seconds, tokens, sum(p.numel() for p in params)
+    return _torch_loop(model, opt, params, ids, spec["steps"], per_sequence=False)
 
 
 def run_opacus(spec, ids):
@@ -217,13 +204,21 @@ def run_opacus(spec, ids):
     params = [p for p in model.parameters() if p.requires_grad]
     opt = DPOptimizer(torch.optim.AdamW(params, lr=LR, betas=(0.9, 0.999)), noise_multiplier=1.0, max_grad_norm=1.0,
                       expected_batch_size=MICRO, loss_reduction="sum")
+    return _torch_loop(model, opt, params, ids, spec["steps"], per_sequence=True)
+
+
+def _torch_loop(model, opt, params, ids, steps: int, per_sequence: bool):
+    """Warm-up + `steps` timed steps of batch MICRO. per_sequence (DP): each sequence's loss is its mean token
+    loss and the optimizer clips per sample, as in slmkit; else the batch's mean token loss, clipped to 1."""
     losses, seconds, tokens = [], [], []
     reset_peak_rss()
-    for step in range(spec["steps"] + 1):
+    for step in range(steps + 1):
         t0 = time.perf_counter()
-        x = ids[step * MICRO:(step + 1) * MICRO]
+        x = ids[step * MICRO:(step + 1) * MICRO]  # [B, SEQ+1]
         loss = _summed_loss(model, x)
-        (loss / SEQ).backward()  # per-sample loss: the sequence's mean token loss, as in slmkit
+        (loss / (SEQ if per_sequence else x[:, 1:].numel())).backward()
+        if not per_sequence:
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
         losses.append(loss.item() / x[:, 1:].numel())
