@@ -48,7 +48,7 @@ def test_lora_run_writes_a_peft_folder_every_command_takes(tmp_path, base, capsy
     assert [h["method"] for h in note["history"]] == ["lora", "train"] and note["base"] == str(base)
     assert step_from_record(note["history"][0]).rank == 4  # the history reads back as step configs
     run = json.loads(run_file.read_text())
-    assert run["protocol"]["train"]["trainable"] == ["*.lora_A.weight", "*.lora_B.weight"]
+    assert run["protocol"]["train"]["trainable"] == ["*.lora_A.weight", "*.lora_B.weight", "*.lora_magnitude_vector"]
     assert "privacy" not in run
     capsys.readouterr()
     for argv in (["generate", str(out), "--prompt", "the", "--max-new-tokens", "3"],
