@@ -149,9 +149,23 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, base, capsys)
     assert len(err) == 1 and "made for another base" in err[0] and not (tmp_path / "m").exists()
     assert main(["eval", str(tmp_path), "--tasks", DATA]) == 2  # a folder that is no model at all
     capsys.readouterr()
-    for argv in (["quantize", str(adapter), "--method", "rtn", "-o", str(tmp_path / "q")],
-                 ["prune", str(adapter), "--method", "magnitude", "-o", str(tmp_path / "q")],
-                 ["export", str(adapter), "--format", "hf", "-o", str(tmp_path / "q")]):
+    prompt = tmp_path / "pt"
+    assert main(["train", str(base), *FAST, "--steps", "1", "--prompt-tuning", "2", "-o", str(prompt)]) == 0
+    capsys.readouterr()
+    for argv in (["quantize", str(prompt), "--method", "rtn", "-o", str(tmp_path / "q")],
+                 ["export", str(prompt), "--format", "hf", "-o", str(tmp_path / "q")]):
         assert main(argv) == 2, argv
         err = capsys.readouterr().err.strip().splitlines()
-        assert len(err) == 1 and "slm merge ADAPTER" in err[0] and not (tmp_path / "q").exists(), argv
+        assert len(err) == 1 and "no weights to fold in" in err[0] and not (tmp_path / "q").exists(), argv
+
+
+def test_compression_and_export_of_a_lora_folder_merge_it_first(tmp_path, base, capsys):
+    adapter = tmp_path / "a"
+    assert main(["train", str(base), *FAST, "--steps", "2", "--lora", "2", "--lr", "1e-2", "-o", str(adapter)]) == 0
+    assert main(["quantize", str(adapter), "--method", "rtn", "--group-size", "32", "-o", str(tmp_path / "q")]) == 0
+    history = json.loads((tmp_path / "q" / "slmkit.json").read_text())["compression"]
+    assert [h["method"] for h in history] == ["lora", "train", "merge_lora", "rtn"]
+    assert main(["export", str(adapter), "--format", "hf", "-o", str(tmp_path / "hf")]) == 0
+    x = torch.randint(0, 300, (1, 16))
+    with torch.no_grad():
+        assert torch.allclose(load(str(tmp_path / "hf")).model(x), load(str(adapter)).model(x), atol=1e-4)

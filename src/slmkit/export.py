@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .adapters import refuse_adapted
+from .adapters import lora_modules, merge_lora_, refuse_adapted
 from .checkpoint import export_gguf, export_hf
 from .errors import require
 from .prune.compressed_tensors import SPARSE_FORMATS, export_hf_sparse
@@ -17,7 +17,9 @@ from .quant.packed import PackedWeight
 def export_model(model, tokenizer, out: Path, fmt: str, file_type: str = "auto", force: bool = False) -> Path:
     """`slm export`: GGUF (export_gguf) or a Hugging Face folder (float: export_hf; packed weights:
     compressed-tensors, slmkit.quant.compressed_tensors; file_type a sparse format: compressed-tensors'
-    sparse storage of a pruned float model, slmkit.prune.compressed_tensors)."""
+    sparse storage of a pruned float model, slmkit.prune.compressed_tensors). A LoRA adapter is merged first."""
+    if lora_modules(model):  # base + LoRA adapter: export what it computes, the merged model
+        merge_lora_(model)
     refuse_adapted(model, "slm export")
     if fmt == "gguf":
         return export_gguf(model, tokenizer, Path(out), file_type, force)

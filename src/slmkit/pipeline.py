@@ -5,18 +5,16 @@ Each step config is a dataclass with a `method` name and `apply_(model, inputs)`
 other inputs says so with `inputs(tokenizer)` (training: its data). Every applied step is appended to
 `model.compression` as a plain dict (`step_record`), saved in the checkpoint's slmkit.json, and can be turned
 back into its config (slmkit.steps.step_from_record) to run the same pipeline again on another model. The table
-of step kinds lives in slmkit.steps, above the packages that define them: this module imports none of them.
+of step kinds lives in slmkit.steps, above the packages that define them: this module imports none of them but
+the adapters (base + LoRA adapter gets a recorded merge step before compression).
 """
 
 from __future__ import annotations
 
-import dataclasses
-import json
-from typing import Any
-
 import torch
 
 from .errors import require
+from .records import step_record  # noqa: F401  (re-exported: the record of a step, as slmkit.json holds it)
 
 
 def apply_step_(model, cfg, calib: torch.Tensor | None = None) -> None:
@@ -51,14 +49,18 @@ def compress(spec, steps: list, out, force: bool = False, sparse_storage: bool =
 
     require(force or not Path(out).exists(), f"{out} exists; pass --force to replace it")
     lm = load(spec)
-    if not any(getattr(cfg, "method", None) == "merge_lora" for cfg in steps):
-        from .adapters import refuse_adapted
-
-        refuse_adapted(lm.model, "compression")
-    run_pipeline_(lm.model, lm.tokenizer, steps)
+    run_pipeline_(lm.model, lm.tokenizer, _plain_first(lm, steps))
     return save_checkpoint(lm.model, lm.tokenizer, Path(out), force=force, sparse_storage=sparse_storage)
 
 
-def step_record(cfg) -> dict[str, Any]:
-    """The config as plain JSON data (tuples become lists), exactly as slmkit.json will hold it."""
-    return json.loads(json.dumps({"method": cfg.method, **dataclasses.asdict(cfg)}))
+def _plain_first(lm, steps: list) -> list:
+    """Compression takes a plain model: base + LoRA adapter gets a recorded merge step first (its KL measured);
+    a prompt-tuning adapter is refused."""
+    from .adapters import lora_modules, refuse_adapted
+    from .adapters.merge import merge_step
+
+    if lora_modules(lm.model) and not any(getattr(c, "method", None) == "merge_lora" for c in steps):
+        steps = [merge_step(lm.model, lm.source), *steps]
+    if not lora_modules(lm.model):
+        refuse_adapted(lm.model, "compression")
+    return steps

@@ -152,11 +152,11 @@ def adapter_parameters(model: nn.Module) -> tuple[str, ...]:
 
 
 def refuse_adapted(model: nn.Module, action: str) -> None:
-    """One line instead of a wrong result: compression and export work on plain models (an adapter's LoRA
-    matrices would be quantized, or dropped by an export); merge first."""
+    """One line instead of a wrong result: compression and export take plain models (LoRA adapters are merged
+    into them first by the caller); virtual prompt tokens have no weights to fold into."""
     require(not lora_modules(model) and getattr(model, "prompt", None) is None,
-            f"{action} takes a plain model, not base + adapter: fold a LoRA adapter in first (slm merge ADAPTER "
-            "-o MERGED), then use MERGED")
+            f"{action} takes a plain model or a LoRA adapter (merged first); a prompt-tuning adapter has no "
+            "weights to fold in")
 
 
 @torch.no_grad()

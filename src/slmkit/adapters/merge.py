@@ -16,7 +16,7 @@ from ..calib import CalibConfig, calibration_tokens
 from ..checkpoint import save_checkpoint
 from ..errors import require
 from ..eval.fidelity import kl_stats
-from ..pipeline import step_record
+from ..records import step_record
 from ..quant.packed import QuantLinear
 from .files import load_adapted, load_adapter_
 from .lora import lora_modules, merge_lora_
@@ -40,6 +40,12 @@ class MergeStep:
         self.result = merge_measured_(model, tokens)
 
 
+def merge_step(model: nn.Module, adapter: Path | str) -> MergeStep:
+    """The merge step of `adapter` for `model`, its KL text in windows that fit the model's context."""
+    text = dataclasses.replace(KL_TEXT, length=min(KL_TEXT.length, model.cfg.max_seq_len))
+    return MergeStep(str(Path(adapter).resolve()), text)
+
+
 @torch.no_grad()
 def merge_measured_(model: nn.Module, tokens: torch.Tensor) -> dict:
     """merge_lora_ with the KL(adapted || merged) per token on `tokens` [N, T] measured around it."""
@@ -61,8 +67,7 @@ def merge(adapter: Path, out: Path, base: str | None = None, force: bool = False
     """`slm merge`: base + adapter -> a merged slmkit checkpoint at `out`, its history ending with the step."""
     require(force or not Path(out).exists(), f"{out} exists; pass --force to replace it")
     lm = load_adapted(Path(adapter), base=base)
-    text = dataclasses.replace(KL_TEXT, length=min(KL_TEXT.length, lm.model.cfg.max_seq_len))
-    step = MergeStep(str(Path(adapter).resolve()), text)
+    step = merge_step(lm.model, adapter)
     step.apply_(lm.model, calibration_tokens(lm.tokenizer, step.calib))
     lm.model.compression.append(step_record(step))
     return save_checkpoint(lm.model, lm.tokenizer, Path(out), force=force), step.result

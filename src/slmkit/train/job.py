@@ -23,7 +23,7 @@ from ..errors import require
 from ..backends import load
 from ..loader import LoadedModel, load_tokenizer
 from ..model import Decoder
-from ..pipeline import step_record
+from ..records import step_record
 from . import dist
 from .config import TrainConfig
 from .data import load_data
