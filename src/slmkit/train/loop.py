@@ -1,6 +1,7 @@
-"""The one training loop. Pretraining, supervised fine-tuning and (later) LoRA, distillation, QAT and DP differ
-only in their objective (a loss object), their trainable parameters and their data; there is no trainer class,
-no callbacks and no global state.
+"""The one training loop. Pretraining, supervised fine-tuning, adapters (LoRA, QLoRA, prompt tuning) and (later)
+distillation and QAT differ only in their objective (a loss object), their trainable parameters and their data;
+DP-SGD changes how a step's gradient is made (train/privacy.py: per-sample clipping and noise on Poisson
+batches), not the loop. There is no trainer class, no callbacks and no global state.
 
 The loss of an optimizer step is the sum of the token losses of all its micro-batches (on every process)
 divided by the step's total number of counted tokens, so gradient accumulation and data parallelism give the

@@ -1,7 +1,8 @@
 """Objectives are loss objects, not trainer subclasses: each maps (model, micro-batch) to the SUM of its token
 losses and the number of tokens that count, so the loop can divide by a whole optimizer step's token count.
 
-Later objectives (distillation, QAT, DP) join OBJECTIVES here; the loop does not change.
+Later objectives (distillation, QAT) join OBJECTIVES here; the loop does not change (DP-SGD is not an
+objective: it changes how a step's gradient is made, train/privacy.py).
 """
 
 from __future__ import annotations
