@@ -92,3 +92,49 @@ def _matmul(h: torch.Tensor, wt: torch.Tensor, out: torch.Tensor, low: torch.Ten
     if low is None:
         return torch.mm(h, wt, out=out)
     return out.copy_(torch.mm(h, wt, out=low))
+
+
+def chunked_linear_loss(hidden: torch.Tensor, weight: torch.Tensor, row_loss, chunk: int = CHUNK_ROWS) -> torch.Tensor:
+    """sum over chunks of row_loss(logits [n, V] float32, start, end) with logits = hidden[start:end] @ weight.T:
+    any loss of the output projection's logits (distillation's divergences) without holding the [N, V] logits.
+
+    hidden [N, C], weight [V, C]. Each chunk's logits are made, their loss and its gradient taken at once
+    (autograd inside the chunk), and dropped; the backward only scales the stored gradients. row_loss must be
+    a function of its logits (and of tensors that need no gradient). Under autocast the matmul runs in the
+    autocast dtype, the loss in float32."""
+    device = hidden.device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
+    if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
+        return _ChunkedLinearLoss.apply(hidden, weight, row_loss, dtype, chunk)
+    with torch.autocast(device, enabled=False):
+        w = weight.to(dtype)
+        return sum((row_loss(torch.mm(hidden[a:a + chunk].to(dtype), w.T).float(), a, min(a + chunk, len(hidden)))
+                    for a in range(0, len(hidden), chunk)), torch.zeros((), device=hidden.device))
+
+
+class _ChunkedLinearLoss(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, row_loss, dtype, chunk):
+        need_w = ctx.needs_input_grad[1]
+        w = weight.detach().to(dtype).requires_grad_(need_w)  # [V, C]
+        grad_hidden = torch.empty_like(hidden)  # [N, C]
+        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        with torch.enable_grad(), torch.autocast(hidden.device.type, enabled=False):
+            for a in range(0, len(hidden), chunk):
+                h = hidden[a:a + chunk].detach().to(dtype).requires_grad_()  # [n, C]
+                loss = row_loss(torch.mm(h, w.T).float(), a, a + len(h))  # logits [n, V]
+                grads = torch.autograd.grad(loss, [h, w] if need_w else [h])
+                grad_hidden[a:a + len(h)] = grads[0]
+                if need_w:
+                    grad_weight += grads[1]
+                total += loss.detach()
+        ctx.save_for_backward(grad_hidden, grad_weight)
+        ctx.weight_dtype = weight.dtype
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad_hidden, grad_weight = ctx.saved_tensors
+        return (grad_hidden * grad_loss.to(grad_hidden.dtype),
+                (grad_weight * grad_loss).to(ctx.weight_dtype) if grad_weight is not None else None, None, None, None)

@@ -220,9 +220,10 @@ class Decoder(nn.Module):
         return self.cache_type(self.cfg, batch, max_len, self.compute_dtype, self.device)
 
     def forward(self, tokens: torch.Tensor, cache: KVCache | None = None, pos: int = 0,
-                last_only: bool = False, labels: torch.Tensor | None = None) -> torch.Tensor:
+                last_only: bool = False, labels: torch.Tensor | None = None, hidden: bool = False) -> torch.Tensor:
         """tokens [B, T] at positions pos..pos+T -> logits [B, T, V] (or [B, 1, V] with last_only). With labels
         [B, T] (each position's next token, or losses.IGNORE): the summed cross-entropy instead, for training.
+        With hidden: the final (normed) hidden states [B, T, C], for losses that apply head_matrix() themselves.
         A prompt-tuned model puts its P virtual tokens before position 0: they are in the cache and in the
         positions (pos counts real tokens only) but never in the output."""
         cfg, P = self.cfg, self.n_virtual
@@ -242,6 +243,8 @@ class Decoder(nn.Module):
             x = x[:, -1:]  # [B, 1, C]
         if labels is not None:
             return self.loss_sum(self.norm(x), labels)
+        if hidden:
+            return self.norm(x)  # [B, T, C]
         return self.project(self.norm(x))  # [B, T, V]
 
     def run_blocks(self, x: torch.Tensor, cache: KVCache | None, pos: int) -> torch.Tensor:
@@ -262,13 +265,16 @@ class Decoder(nn.Module):
         """Final hidden states [B, T, C] and labels [B, T] -> the summed next-token cross-entropy; a float output
         or packed output matrix is applied in chunks (losses.linear_cross_entropy), so the [B, T, V] logits are
         never held."""
-        head = self.output_module
-        if isinstance(head, (nn.Linear, nn.Embedding)):
-            return linear_cross_entropy(x.flatten(0, 1), head.weight, labels.flatten())  # [B*T, C], [B*T]
-        if not getattr(head, "act_bits", 0):  # a packed table: its float matrix for this product only (no grad)
-            return linear_cross_entropy(x.flatten(0, 1), head.dequantize(), labels.flatten())
+        if not getattr(self.output_module, "act_bits", 0):
+            return linear_cross_entropy(x.flatten(0, 1), self.head_matrix(), labels.flatten())  # [B*T, C], [B*T]
         logits = self.project(x)  # [B, T, V]
         return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE, reduction="sum")
+
+    def head_matrix(self) -> torch.Tensor:
+        """The output projection as one matrix [V, C]: the float weight (trainable if it is), or a packed table's
+        float matrix made for this product only (no grad, not kept)."""
+        head = self.output_module
+        return head.weight if isinstance(head, (nn.Linear, nn.Embedding)) else head.dequantize()
 
     def project(self, x: torch.Tensor) -> torch.Tensor:
         """Final hidden states [..., C] -> logits [..., V] through the output matrix (tied or not, float or packed)."""

@@ -76,6 +76,7 @@ class TrainConfig:
                 and self.eval_batches > 0, "warmup, eval and save intervals must be >= 0 (log_every, eval_batches > 0)")
         require(self.clip is None or self.clip > 0, f"clip must be positive, got {self.clip}")
         self._validate_limits()
+        self.objective.validate_for(self)
         if self.privacy is not None:
             require(isinstance(self.privacy, DPConfig), f"privacy must be a DPConfig, got {self.privacy!r}")
             self.privacy.validate()

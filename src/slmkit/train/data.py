@@ -41,7 +41,7 @@ class Sequences:
     def batch(self, indices: list[int]) -> Batch:
         if isinstance(self.ids, torch.Tensor):
             x = self.ids[indices]  # [B, L+1]
-            return Batch(x[:, :-1], x[:, 1:])
+            return Batch(x[:, :-1], x[:, 1:], torch.tensor(indices))
         width = max(len(self.ids[i]) for i in indices) - 1
         inputs = torch.full((len(indices), width), self.pad_id, dtype=torch.long)  # [B, T]
         labels = torch.full((len(indices), width), IGNORE, dtype=torch.long)  # [B, T]
@@ -50,7 +50,7 @@ class Sequences:
             n = len(ids) - 1
             inputs[row, :n] = ids[:-1]
             labels[row, :n] = torch.where(mask[1:], ids[1:], IGNORE)  # padding stays IGNORE by position
-        return Batch(inputs, labels)
+        return Batch(inputs, labels, torch.tensor(indices))
 
     def target_tokens(self) -> int:
         if self.targets is None:
@@ -70,6 +70,7 @@ class TrainData:
     train: Sequences
     val: Sequences | None
     info: dict = field(default_factory=dict)  # source, format, counts: recorded in the run
+    tokenizer: Tokenizer | None = None  # what tokenized it (objectives that need it: distillation)
 
     def step_batches(self, consumed: int, micro_batch: int, grad_accum: int, world: int = 1, rank: int = 0,
                      seed: int = 0) -> list[Batch]:
@@ -112,7 +113,7 @@ def load_data(spec: str, tokenizer: Tokenizer, seq_len: int, fmt: str | None = N
             "train_target_tokens": train.target_tokens(), "val_source": eval_spec or f"last {val_fraction:g} of source",
             "val_sequences": len(val) if val else 0, "val_target_tokens": val.target_tokens() if val else 0,
             "digest": train.digest()}
-    return TrainData(train, val, info)
+    return TrainData(train, val, info, tokenizer)
 
 
 def detect_format(spec: str) -> str:

@@ -45,6 +45,7 @@ class TrainResult:
     val_curve: list[list[float]] = field(default_factory=list)  # [step, val_loss]
     resumed_from: int | None = None
     privacy: dict | None = None  # DP runs: epsilon, delta, noise multiplier, ... (privacy.Privacy.record)
+    objective: dict | None = None  # what the objective reports beyond its config (Objective.report)
 
 
 @dataclass
@@ -71,6 +72,7 @@ def train(model, data: TrainData, cfg: TrainConfig, state_dir: Path | None = Non
     model.train()
     model.checkpoint_blocks = cfg.checkpointing
     privacy = _privacy(cfg, data, total)
+    cfg.objective.prepare(model, data)
     runner = dp.wrap(model) if privacy else dist.wrap(model, env)
     optimizer = make_optimizer(model, cfg)
     scaler = _scaler(cfg, model)
@@ -85,7 +87,7 @@ def train(model, data: TrainData, cfg: TrainConfig, state_dir: Path | None = Non
         model.checkpoint_blocks = False
         if privacy:
             runner._close()  # Opacus's hooks and per-sample attributes leave the model
-    result.resumed_from = resumed
+    result.resumed_from, result.objective = resumed, cfg.objective.report()
     model.eval()
     return result
 
@@ -217,7 +219,7 @@ def evaluate(runner, data: TrainData, cfg: TrainConfig, env=None) -> float | Non
     for chunk in chunks[env.rank::env.world]:
         batch = data.val.batch(chunk).to(_device(runner))
         with autocast(cfg.precision, batch.inputs.device):
-            part, count = cfg.objective.loss_sum(runner, batch)
+            part, count = cfg.objective.eval_sum(runner, batch)
         loss_sum, tokens = loss_sum + part.item(), tokens + count
     runner.train(was_training)
     return env.all_sum(loss_sum) / max(env.all_sum(float(tokens)), 1.0)
@@ -261,12 +263,14 @@ def set_trainable_(model: nn.Module, cfg: TrainConfig) -> list[str]:
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Two groups: matrices of linear layers decay; norms, biases and embedding tables never do."""
+    """Two groups: the weight matrices of linear layers decay; norms, biases, embedding tables and everything
+    else (prompt-tuning tokens, QAT's scales) never do."""
     embedding = {id(p) for m in model.modules() if isinstance(m, nn.Embedding) for p in m.parameters()}
     decay, rest = [], []
-    for p in model.parameters():
+    for name, p in model.named_parameters():
         if p.requires_grad:
-            (decay if p.dim() >= 2 and id(p) not in embedding else rest).append(p)
+            matrix = p.dim() >= 2 and name.rpartition(".")[2] == "weight" and id(p) not in embedding
+            (decay if matrix else rest).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}]
 
 

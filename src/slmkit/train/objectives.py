@@ -1,7 +1,8 @@
 """Objectives are loss objects, not trainer subclasses: each maps (model, micro-batch) to the SUM of its token
 losses and the number of tokens that count, so the loop can divide by a whole optimizer step's token count.
 
-Later objectives (distillation, QAT) join OBJECTIVES here; the loop does not change (DP-SGD is not an
+Objectives defined above the training package (distillation: slmkit.distill) register themselves in OBJECTIVES
+(a name -> a maker from the record); the loop does not change (DP-SGD is not an
 objective: it changes how a step's gradient is made, train/privacy.py).
 """
 
@@ -17,15 +18,17 @@ from ..losses import IGNORE  # noqa: F401  (re-exported: the label of a position
 
 @dataclass(frozen=True)
 class Batch:
-    """One micro-batch: inputs [B, T] and labels [B, T] (the next token, or IGNORE)."""
+    """One micro-batch: inputs [B, T] and labels [B, T] (the next token, or IGNORE); `index` [B]: which training
+    sequences they are (what a teacher cache is keyed by), None for batches made otherwise."""
 
     inputs: torch.Tensor
     labels: torch.Tensor
+    index: torch.Tensor | None = None
 
     def to(self, device: torch.device) -> "Batch":
         if self.inputs.device == device:
             return self
-        return Batch(self.inputs.to(device, non_blocking=True), self.labels.to(device, non_blocking=True))
+        return Batch(self.inputs.to(device, non_blocking=True), self.labels.to(device, non_blocking=True), self.index)
 
     @property
     def tokens(self) -> int:
@@ -40,6 +43,21 @@ class Objective:
 
     def loss_sum(self, model, batch: Batch) -> tuple[torch.Tensor, int]:
         raise NotImplementedError
+
+    def validate_for(self, cfg) -> None:
+        """Refuse training settings this objective cannot serve (TrainConfig.validate asks)."""
+
+    def prepare(self, model, data) -> None:
+        """Once before a run's first step: load what the loss needs besides the model (distillation: teachers)."""
+
+    def report(self) -> dict | None:
+        """What the run's record should say of this objective beyond its config (e.g. a teacher cache's size)."""
+        return None
+
+    def eval_sum(self, model, batch: Batch) -> tuple[torch.Tensor, int]:
+        """What held-out evaluation measures: the training loss itself, unless an objective says otherwise
+        (distillation reports the plain next-token loss, so its validation perplexity compares across runs)."""
+        return self.loss_sum(model, batch)
 
     def record(self) -> dict:
         return {"name": self.name, **asdict(self)}
@@ -58,17 +76,17 @@ class NextTokenLoss(Objective):
         return model(batch.inputs, labels=batch.labels), batch.tokens  # the logits are never held whole
 
 
-OBJECTIVES = {"lm": lambda: NextTokenLoss("lm"), "sft": lambda: NextTokenLoss("sft")}
+# name -> maker(record) of the loss object; packages above slmkit.train add theirs (slmkit.distill: "distill")
+OBJECTIVES = {"lm": lambda record: NextTokenLoss("lm"), "sft": lambda record: NextTokenLoss("sft")}
 
 
 def objective(name: str) -> Objective:
-    if name not in OBJECTIVES:
-        raise SlmError(f"unknown objective {name!r}; known: {', '.join(OBJECTIVES)}")
-    return OBJECTIVES[name]()
+    """The plain objective of that name (lm | sft)."""
+    return objective_from_record({"name": name})
 
 
 def objective_from_record(record: dict) -> Objective:
     """The loss object a record (Objective.record) was made from."""
     if not isinstance(record, dict) or record.get("name") not in OBJECTIVES:
         raise SlmError(f"unknown objective record {record!r}; known: {', '.join(OBJECTIVES)}")
-    return objective(record["name"])
+    return OBJECTIVES[record["name"]](record)

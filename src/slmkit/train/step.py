@@ -36,4 +36,5 @@ def summary(result: TrainResult, data: TrainData, base: str | None = None) -> di
     """The measured part of a training step's record."""
     out = {"base": base, "data": data.info, "steps": result.steps, "tokens": result.tokens,
            "final_loss": result.final_loss, "val_loss": result.val_loss}
-    return out if result.privacy is None else {**out, "privacy": result.privacy}
+    extra = {"privacy": result.privacy, "objective": result.objective}
+    return {**out, **{k: v for k, v in extra.items() if v is not None}}
