@@ -49,6 +49,8 @@ def train_parser(sub) -> None:
                    "the OS when freed: the least peak memory, about 1.5x the step time")
     _adapter_args(t)
     _privacy_args(t)
+    _distill_args(t)
+    _qat_args(t)
     t.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where the model trains (cuda: under "
                    "torchrun, each process's LOCAL_RANK device)")
     t.add_argument("--threads", type=int, default=None)
@@ -65,12 +67,12 @@ def cmd_train(args) -> None:
 
     set_threads(args)
     job = TrainJob(args.data, Path(args.out), args.model, args.preset, args.tokenizer, args.format, args.eval_data,
-                   args.force, args.resume, args.device, _adapter(args))
+                   args.force, args.resume, args.device, _adapter(args), _qat(args))
     privacy = _privacy(args)
     supervised = args.format in ("alpaca", "chat") or (args.format is None and _detect(args.data) != "text")
     lr = args.lr if args.lr is not None else (3e-4 if args.preset else 1e-3 if job.adapter else 2e-5)
     trainable = tuple(p.strip() for p in args.trainable.split(",") if p.strip()) if args.trainable else ("*",)
-    cfg = TrainConfig(objective=objective("sft" if supervised else "lm"), trainable=trainable,
+    cfg = TrainConfig(objective=_distill(args) or objective("sft" if supervised else "lm"), trainable=trainable,
                       optimizer=args.optimizer, lr=lr, weight_decay=args.weight_decay, schedule=args.schedule, warmup_steps=args.warmup, seq_len=args.seq_len,
                       micro_batch=args.batch_size, grad_accum=args.grad_accum, max_steps=args.steps,
                       max_tokens=args.tokens, max_epochs=args.epochs, max_time_s=args.max_time,
@@ -113,6 +115,85 @@ def _privacy_args(t) -> None:
     t.add_argument("--dp-delta", type=float, default=None, help="delta (default 1 / training sequences)")
     t.add_argument("--dp-clip", type=float, default=1.0, help="per-sample gradient norm bound C (default 1)")
     t.add_argument("--dp-accountant", choices=["rdp", "prv"], default="rdp", help="Opacus accountant (default rdp)")
+
+
+def _distill_args(t) -> None:
+    from .distill.divergence import LOSSES
+    from .distill.teacher import TEACHER_DTYPES
+
+    t.add_argument("--distill", default=None, metavar="TEACHER[,TEACHER2...]", help="learn from this teacher (or "
+                   "a mixture of several; 'default' is the default model) instead of the data's labels alone")
+    t.add_argument("--teacher-weights", default=None, help="comma-separated mixture weights, one per teacher "
+                   "(default: equal)")
+    t.add_argument("--teacher-confidence", action="store_true", help="weigh the teachers per token by their top "
+                   "probability instead of fixed weights")
+    t.add_argument("--teacher-dtype", choices=TEACHER_DTYPES, default="float32", help="run the teachers in this "
+                   "dtype (int8 / int4: packed by round-to-nearest)")
+    t.add_argument("--kd-loss", choices=LOSSES, default="fkl", help="forward KL (default), reverse KL, generalized "
+                   "JSD, skew KL, skew reverse KL")
+    t.add_argument("--kd-beta", type=float, default=0.5, help="jsd: 0 = forward KL, 1 = reverse KL")
+    t.add_argument("--kd-skew", type=float, default=0.1, help="skl / srkl: the skew")
+    t.add_argument("--kd-ratio", type=float, default=1.0, help="weight of the distillation term; the rest goes to "
+                   "the hard-label cross-entropy (default 1)")
+    t.add_argument("--kd-temperature", type=float, default=1.0)
+    t.add_argument("--kd-topk", type=int, default=0, metavar="K", help="keep the teacher's K likeliest tokens and "
+                   "one remainder bin (default 0: the whole vocabulary)")
+    t.add_argument("--teacher-cache", default=None, metavar="DIR", help="cache the teacher's top-K on disk here, "
+                   "filled once and reused over epochs and runs")
+    t.add_argument("--on-policy", type=float, default=0.0, metavar="LAMBDA", help="fraction of micro-batches the "
+                   "student generates and the teacher scores (GKD)")
+
+
+def _qat_args(t) -> None:
+    t.add_argument("--qat", type=int, default=None, metavar="BITS", help="quantization-aware training to packed "
+                   "BITS-bit weights (2..8); OUT is the packed checkpoint. A packed MODEL (AWQ, GPTQ) keeps its grid")
+    t.add_argument("--asym", action="store_true", help="--qat: asymmetric grid (scale and offset per group)")
+    t.add_argument("--group-size", type=int, default=32, help="--qat: input columns per scale (0: per channel)")
+    t.add_argument("--qat-fixed-scales", action="store_true", help="--qat: keep the starting scales (default: "
+                   "learn them, LSQ)")
+
+
+def _qat(args):
+    from .errors import require
+
+    require(args.qat is not None or not (args.asym or args.qat_fixed_scales), "--asym and --qat-fixed-scales go "
+            "with --qat BITS")
+    if args.qat is None:
+        return None
+    require(args.dp_epsilon is None and args.dp_noise is None, "--qat with DP-SGD is not supported")
+    require(args.distributed == "none", "--qat runs in one process")
+    from .qat import QATConfig
+    from .qat.step import QATJob
+    from .quant.scheme import QScheme
+
+    scheme = QScheme(args.qat, args.group_size, not args.asym)
+    return QATJob(QATConfig(scheme, learn_scales=not args.qat_fixed_scales).validate())
+
+
+def _distill(args):
+    from .errors import require
+
+    options = [args.teacher_weights, args.teacher_confidence, args.kd_topk, args.teacher_cache, args.on_policy]
+    require(args.distill is not None or not any(options), "--teacher-*, --kd-topk, --teacher-cache and --on-policy "
+            "go with --distill TEACHER")
+    if args.distill is None:
+        return None
+    from .distill import DistillLoss
+
+    teachers = tuple(None if t.strip() == "default" else t.strip() for t in args.distill.split(",") if t.strip())
+    weights = _floats(args.teacher_weights, "--teacher-weights") if args.teacher_weights else None
+    return DistillLoss(teachers, weights, args.teacher_confidence, args.kd_loss, args.kd_beta, args.kd_skew,
+                       args.kd_temperature, args.kd_ratio, args.kd_topk, args.teacher_cache, args.on_policy,
+                       args.teacher_dtype).validate()
+
+
+def _floats(text: str, flag: str) -> tuple[float, ...]:
+    from .errors import SlmError
+
+    try:
+        return tuple(float(x) for x in text.split(","))
+    except ValueError:
+        raise SlmError(f"{flag} takes comma-separated numbers, got {text!r}") from None
 
 
 def _adapter(args):

@@ -14,14 +14,17 @@ from .errors import SlmError, require
 
 def methods() -> dict[str, type]:
     """Every step kind by its recorded name."""
+    from . import distill  # noqa: F401  (registers the "distill" objective that training records may name)
+
     from .adapters import LoRAConfig, PromptTuningConfig
     from .adapters.merge import MergeStep
     from .prune import PruneConfig, StructuredPruneConfig
+    from .qat import QATStep
     from .quant import AWQConfig, GPTQConfig, KVCacheConfig, RTNConfig, SmoothQuantConfig
     from .train.step import TrainStep
 
     return {c.method: c for c in (RTNConfig, GPTQConfig, AWQConfig, SmoothQuantConfig, KVCacheConfig, PruneConfig,
-                                  StructuredPruneConfig, TrainStep, LoRAConfig, PromptTuningConfig, MergeStep)}
+                                  StructuredPruneConfig, TrainStep, LoRAConfig, PromptTuningConfig, MergeStep, QATStep)}
 
 
 def make_step(method: str, **values):

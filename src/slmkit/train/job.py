@@ -45,6 +45,8 @@ class TrainJob:
     resume: bool = False
     device: str = "cpu"  # cpu | cuda (under torchrun: the process's LOCAL_RANK device)
     adapter: object | None = None  # a LoRAConfig or PromptTuningConfig: train only it, write an adapter folder
+    transform: object | None = None  # e.g. QAT (slmkit.qat.step.QATJob): prepare_(model) before the loop,
+    #   finish_(model) after it, record(TrainStep) -> the history record in place of the training step's
 
     @property
     def state_dir(self) -> Path:
@@ -54,6 +56,8 @@ class TrainJob:
         """Refuse, before any work, what would overwrite something or continue the wrong run."""
         require(not (self.model and self.preset), "give MODEL or --preset, not both")
         require(not (self.adapter and self.preset), "adapters fine-tune a model; --preset trains one from scratch")
+        require(not (self.transform and (self.adapter or self.preset)), "QAT trains a whole model (not an adapter, "
+                "not a --preset from scratch)")
         require(self.device in ("cpu", "cuda"), f"--device must be cpu or cuda, got {self.device!r}")
         require(self.device == "cpu" or torch.cuda.is_available(), "--device cuda: no CUDA device is available")
         require(self.force or not Path(self.out).exists(), f"{self.out} exists; pass --force to replace it")
@@ -85,6 +89,8 @@ def run_train(job: TrainJob, cfg: TrainConfig, command: list[str], show: bool = 
     history = len(lm.model.compression)  # the base's own steps; an adapter folder records only what follows
     if job.adapter is not None:
         cfg = _adapt(lm.model, job.adapter, cfg)
+    if job.transform is not None:
+        job.transform.prepare_(lm.model)
     data = load_data(job.data, lm.tokenizer, cfg.seq_len, job.format, job.eval_data)
     room = lm.model.cfg.max_seq_len - lm.model.n_virtual  # prompt tuning's virtual tokens take positions too
     require(cfg.seq_len <= room, f"--seq-len {cfg.seq_len} exceeds the model's context of {room}")
@@ -95,7 +101,9 @@ def run_train(job: TrainJob, cfg: TrainConfig, command: list[str], show: bool = 
     if env.main:
         model.cpu()
         step = TrainStep(job.data, job.format, job.eval_data, cfg, summary(result, data, lm.source))
-        model.compression.append(step_record(step))
+        if job.transform is not None:
+            job.transform.finish_(model)
+        model.compression.append(job.transform.record(step) if job.transform is not None else step_record(step))
         _write(job, model, lm.tokenizer, model.compression[history:])
         run = train_run(LoadedModel(model, lm.tokenizer, str(job.out), "slmkit", _size(job.out)), cfg, data.info,
                         result, command, lm.source)
@@ -155,6 +163,8 @@ def train_run(lm: LoadedModel, cfg: TrainConfig, data_info: dict, result: TrainR
     run["cost"] = {"peak_rss_mb": peak_rss_mb()}
     if result.privacy is not None:
         run["privacy"] = result.privacy
+    if result.objective is not None:
+        run["objective"] = result.objective
     return run
 
 
@@ -169,3 +179,8 @@ def print_summary(run: dict, out: Path) -> None:
         print(f"[DP-SGD: epsilon {p['epsilon']:.3g} at delta {p['delta']:.3g} ({p['accountant']}), noise multiplier "
               f"{p['noise_multiplier']:.4g}, clip {p['clip_norm']:g}, sample rate {p['sample_rate']:.4g}, "
               f"{p['steps']} steps]", file=sys.stderr)
+    cache = run.get("objective", {}).get("cache")
+    if cache:
+        kept = f", top-{cache['k']} keeps {cache['mean_kept_mass']:.1%} of the teacher's mass" if cache["mean_kept_mass"] else ""
+        print(f"[teacher cache {cache['folder']}: {cache['bytes'] / 1e6:.1f} MB, {cache['filled']} of "
+              f"{cache['sequences']} sequences{kept}]", file=sys.stderr)
