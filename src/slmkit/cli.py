@@ -59,7 +59,37 @@ def build_parser() -> argparse.ArgumentParser:
     train_parser(sub)
     merge_parser(sub)
     synth_parser(sub)
+    _recipe_parser(sub)
     return parser
+
+
+def _recipe_parser(sub) -> None:
+    r = sub.add_parser("compress", help="run a recipe (JSON or YAML list of steps: prune, distill, qat, quantize, "
+                       "export) as one recorded pipeline")
+    r.add_argument("recipe", help="the recipe file")
+    r.add_argument("model", nargs="?", default=None, help="the model to start from (default: the recipe's, else "
+                   "SmolLM2-135M-Instruct)")
+    r.add_argument("-o", "--out", required=True, help="output slmkit checkpoint folder")
+    r.add_argument("--measure", action="store_true", help="measure size, WikiText-2 PPL, KL against the input "
+                   "and decode tok/s after every step (OUT/recipe.md, OUT/recipe.json)")
+    r.add_argument("--force", action="store_true", help="replace OUT (and the export) if they exist")
+    r.add_argument("--threads", type=int, default=None)
+
+
+def cmd_compress(args) -> None:
+    from .recipe import read_recipe, run_recipe
+    from .recipe.run import Measure
+
+    recipe = read_recipe(args.recipe, args.model)  # every step and its order checked before any work
+    _set_threads(args)
+    result = run_recipe(recipe, args.out, args.force, Measure() if args.measure else None)
+    if result["rows"]:
+        from .recipe.run import markdown
+
+        print(markdown(result["rows"]), file=sys.stderr)
+    if result["export"]:
+        print(f"[exported {result['export']}]", file=sys.stderr)
+    print(result["checkpoint"])
 
 
 def _calib_args(p: argparse.ArgumentParser) -> None:
@@ -354,7 +384,8 @@ def cmd_report(args) -> None:
 
 COMMANDS = {"info": cmd_info, "generate": cmd_generate, "chat": cmd_chat, "eval": cmd_eval, "bench": cmd_bench,
             "report": cmd_report, "quantize": cmd_quantize, "prune": cmd_prune,
-            "export": cmd_export, "train": cmd_train, "merge": cmd_merge, "synth": cmd_synth}
+            "export": cmd_export, "train": cmd_train, "merge": cmd_merge, "synth": cmd_synth,
+            "compress": cmd_compress}
 
 
 def main(argv: list[str] | None = None) -> int:
