@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import tempfile
 import time
@@ -39,8 +38,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_speed import (MICRO, SEED, SEQ, THREADS, fmt, hf_model, median_of, paired, peak_rss_mb,  # noqa: E402
-                         prepare, reset_peak_rss, train_peak_rss_mb)
+from train_speed import (MICRO, SEED, SEQ, THREADS, child_result, fmt, hf_model, interleaved, median_of,  # noqa: E402
+                         paired, peak_rss_mb, prepare, reset_peak_rss, train_peak_rss_mb)
 
 LR, RANK, ALPHA = 1e-4, 8, 16.0
 SEVEN = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -57,14 +56,6 @@ def quantized(folder: str, work: Path) -> str:
     return str(compress(folder, [RTNConfig(scheme=QScheme(4, 32))], work / "q4", force=True))
 
 
-def run_child(engine: str, inputs: dict, steps: int) -> dict:
-    spec = json.dumps({"engine": engine, "steps": steps, "dtype": "float32", **inputs})
-    done = subprocess.run([sys.executable, __file__, "--child", spec], stdout=subprocess.PIPE, text=True)
-    if done.returncode != 0:
-        return {"engine": engine, "error": f"exit {done.returncode}"}
-    return json.loads(done.stdout.strip().splitlines()[-1])
-
-
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--engines", default=",".join(ENGINES))
@@ -76,15 +67,11 @@ def main(argv=None) -> None:
     if args.child:
         return print(json.dumps(child(json.loads(args.child))))
     engines = [e for e in ENGINES if e in args.engines.split(",")]
-    results = {e: [] for e in engines}
     with tempfile.TemporaryDirectory() as tmp:
         inputs = prepare("default", Path(tmp), MICRO * (args.steps + 1))
         inputs["packed"] = quantized(inputs["folder"], Path(tmp))
-        for r in range(args.rounds):
-            for engine in engines[r % len(engines):] + engines[:r % len(engines)]:
-                results[engine].append(run_child(engine, inputs, args.steps))
-                print(f"  round {r + 1}/{args.rounds} {engine}: {results[engine][-1].get('tokens_per_s')}",
-                      file=sys.stderr, flush=True)
+        results = interleaved(engines, args.rounds, lambda e: child_result(
+            __file__, {"engine": e, "steps": args.steps, "dtype": "float32", **inputs}))
     rows = table(results)
     if args.json:
         Path(args.json).write_text(json.dumps({"rows": rows, "threads": THREADS, "seq_len": SEQ, "micro_batch": MICRO,

@@ -89,6 +89,25 @@ def run_child(model: str, dtype: str, engine: str, inputs: dict, steps: int) -> 
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def child_result(script: str, spec: dict) -> dict:
+    """Run `script --child SPEC` in a fresh process; its last stdout line is the result (JSON)."""
+    done = subprocess.run([sys.executable, script, "--child", json.dumps(spec)], stdout=subprocess.PIPE, text=True)
+    if done.returncode != 0:
+        return {"engine": spec["engine"], "error": f"exit {done.returncode}"}
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def interleaved(engines: list[str], rounds: int, run_one) -> dict[str, list[dict]]:
+    """results[engine] = run_one(engine) once per round, the engines' order rotating from round to round."""
+    results = {e: [] for e in engines}
+    for r in range(rounds):
+        for engine in engines[r % len(engines):] + engines[:r % len(engines)]:
+            results[engine].append(run_one(engine))
+            print(f"  round {r + 1}/{rounds} {engine}: {results[engine][-1].get('tokens_per_s')}",
+                  file=sys.stderr, flush=True)
+    return results
+
+
 def measure_rounds(args, inputs: dict) -> dict:
     """runs[(model, dtype)][engine] = one result per round; matmul[dtype] = GFLOP/s per round."""
     from slmkit.eval.machine import measure_matmul_gflops

@@ -49,7 +49,7 @@ class DistillLoss(Objective):
     def validate(self) -> "DistillLoss":
         require(len(self.teachers) >= 1, "distillation needs a teacher")
         require(self.loss in LOSSES, f"--kd-loss must be one of {', '.join(LOSSES)}, got {self.loss!r}")
-        require(0 <= self.beta <= 1 and 0 < self.skew < 1, f"--kd-beta must be in [0, 1] and the skew in (0, 1)")
+        require(0 <= self.beta <= 1 and 0 < self.skew < 1, "--kd-beta must be in [0, 1] and the skew in (0, 1)")
         require(self.temperature > 0 and 0 <= self.kd_ratio <= 1, "--kd-temperature must be > 0 and --kd-ratio in [0, 1]")
         require(self.topk >= 0 and (self.cache is None or self.topk > 0), "--teacher-cache needs --kd-topk K > 0")
         require(0 <= self.on_policy <= 1, f"--on-policy must be in [0, 1], got {self.on_policy}")
