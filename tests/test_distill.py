@@ -3,6 +3,7 @@ chunked head loss, DistillLoss inside the training loop (live, top-k, cached, on
 the teacher cache's reuse and refusals, and the vocabulary check."""
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -310,3 +311,61 @@ def test_distillation_refuses_distributed_and_dp(tmp_path):
         TrainConfig(objective=DistillLoss(), max_steps=1, distributed="ddp").validate()
     with pytest.raises(SlmError, match="DP-SGD with distillation"):
         TrainConfig(objective=DistillLoss(), max_steps=1, clip=None, privacy=DPConfig(epsilon=8.0)).validate()
+
+
+# ---- the CLI: slm train --distill ---------------------------------------------------------------------------
+CLI_FAST = ["--data", "tinyshakespeare", "--seq-len", "32", "--batch-size", "4", "--threads", "1"]
+
+
+@pytest.fixture(scope="module")
+def cli_base(tmp_path_factory):
+    from test_adapters_cli import base as make_base
+
+    return make_base.__wrapped__(tmp_path_factory)
+
+
+def test_slm_train_distill_writes_a_checkpoint_that_records_its_teacher_and_cache(tmp_path, cli_base, capsys):
+    import json as json_module
+
+    from slmkit.backends import load
+    from slmkit.cli import main
+
+    out, run_file, cache = tmp_path / "kd", tmp_path / "run.json", tmp_path / "cache"
+    argv = ["train", str(cli_base), *CLI_FAST, "--steps", "2", "--distill", str(cli_base), "--kd-loss", "jsd",
+            "--kd-beta", "0.3", "--kd-ratio", "0.8", "--kd-topk", "8", "--teacher-cache", str(cache), "--lr", "1e-3"]
+    assert main([*argv, "--json", str(run_file), "-o", str(out)]) == 0, capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "teacher cache" in err and "top-8 keeps" in err
+    record = load(str(out)).model.compression[-1]
+    objective = record["train"]["objective"]
+    assert objective["name"] == "distill" and objective["loss"] == "jsd" and objective["beta"] == 0.3
+    assert objective["teachers"] == [str(cli_base)] and objective["topk"] == 8
+    run = json_module.loads(run_file.read_text())
+    assert run["objective"]["cache"]["filled"] > 0 and run["objective"]["cache"]["bytes"] > 0
+
+
+def test_slm_train_distill_refusals_exit_2_in_one_line_and_write_nothing(tmp_path, cli_base, capsys):
+    from slmkit.cli import main
+
+    cache = tmp_path / "cache"
+    assert main(["train", str(cli_base), *CLI_FAST, "--steps", "1", "--distill", str(cli_base), "--kd-topk", "4",
+                 "--teacher-cache", str(cache), "-o", str(tmp_path / "first")]) == 0
+    capsys.readouterr()
+    spec = teacher_folder(tmp_path, vocab_size=VOCAB + 8)  # a tiny teacher whose vocabulary differs
+    other_data = ["--data", "wikitext2-valid", *CLI_FAST[2:]]
+    cases = {
+        "vocabulary": ([*CLI_FAST, "--distill", spec], "vocabulary of"),
+        "other data": ([*other_data, "--distill", str(cli_base), "--kd-topk", "4", "--teacher-cache", str(cache)],
+                       "made for another data"),
+        "other k": ([*CLI_FAST, "--distill", str(cli_base), "--kd-topk", "6", "--teacher-cache", str(cache)],
+                    "made for another k"),
+        "cache without k": ([*CLI_FAST, "--distill", str(cli_base), "--teacher-cache", str(cache)], "needs --kd-topk"),
+        "kd flag alone": ([*CLI_FAST, "--kd-topk", "4"], "go with --distill"),
+        "weights": ([*CLI_FAST, "--distill", f"{cli_base},{cli_base}", "--teacher-weights", "1"], "one positive weight"),
+    }
+    for name, (extra, message) in cases.items():
+        out = tmp_path / f"out-{name.replace(' ', '-')}"
+        assert main(["train", str(cli_base), *extra, "--steps", "1", "-o", str(out)]) == 2, name
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1, (name, err)
+        assert not out.exists() and not Path(f"{out}.train").exists(), name
