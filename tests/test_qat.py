@@ -198,3 +198,29 @@ def test_slm_train_qat_refusals_exit_2_and_write_nothing(tmp_path, base, capsys,
     assert main(["train", str(base), *FAST, "--steps", "1", *extra, "-o", str(out)]) == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1 and not list(tmp_path.iterdir())
+
+
+def test_a_q4_0_qat_model_exports_to_gguf_code_for_code(tmp_path):
+    """QAT on Q4_0's grid, converted, written as GGUF Q4_0: the file holds the trained codes (read back equal),
+    so llama.cpp runs what QAT trained."""
+    from slmkit import loader
+    from slmkit.checkpoint import export_gguf
+    from slmkit.gguf_io import read_header
+    from slmkit.quant.ggml import TYPES
+    from test_gguf_export import tiny, tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    model = tiny(tok)
+    prepare_qat_(model, QATConfig(QScheme(4, 32, True)))
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, FakeQuantLinear):
+                m.weight.add_(torch.randn_like(m.weight) * 0.01)  # stand-in for training: new codes
+                m.log_scale.fill_(0.05)
+    convert_qat_(model)
+    path = export_gguf(model, tok, tmp_path / "qat.gguf")
+    types = {t.name: t.ggml_type for t in read_header(path)[1]}
+    assert types["blk.0.ffn_up.weight"] == TYPES["Q4_0"].id
+    back = loader.load(path).model
+    for name in ("blocks.0.attn.q_proj", "blocks.1.mlp.down_proj"):
+        assert torch.equal(back.get_submodule(name).weight, model.get_submodule(name).dequantize())
