@@ -121,3 +121,11 @@ def test_measured_recipe_writes_its_table(tmp_path, base):
     table = (tmp_path / "out" / "recipe.md").read_text()
     assert table.count("\n") == 5 and "| rtn |" in table
     assert not Path(f"{tmp_path / 'out'}.steps").exists()
+
+
+def test_the_shipped_recipes_read(tmp_path):
+    for path in sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*.yaml")):
+        recipe = read_recipe(path)
+        assert recipe.steps and recipe.export is not None, path
+        distill = next(s for s in recipe.steps if isinstance(s, TrainStep))
+        assert distill.train.objective.teachers == (None,)  # 'input' of the default model
