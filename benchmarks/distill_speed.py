@@ -7,9 +7,9 @@ master weights), AdamW lr 1e-5 constant, 2 threads, one engine per fresh process
 timed steps; peak RSS is the training high-water mark after loading (train_speed.py's machinery). Engines:
 
     fine-tuning           the one loop, next-token cross-entropy (the baseline of every ratio)
-    KD live, full vocab   forward KL against the teacher's whole distribution, the teacher run every step
-    KD live, top-64       the teacher's top 64 tokens + a remainder bin, the teacher run every step
-    KD cached, top-64     the same targets read from a filled teacher cache (filled before the timing)
+    KD live full-vocab    forward KL against the teacher's whole distribution, the teacher run every step
+    KD live top-64        the teacher's top 64 tokens + a remainder bin, the teacher run every step
+    KD cached top-64      the same targets read from a filled teacher cache (filled before the timing)
     QAT int4 g32          prepare_qat_ (Q4_0's grid, learned scales), cross-entropy
     QAT int4 g32 + KD cached   QAT with the cached top-64 distillation
 
@@ -34,7 +34,7 @@ from train_speed import (MICRO, SEED, SEQ, THREADS, child_result, fmt, interleav
                          prepare, reset_peak_rss, train_peak_rss_mb)
 
 LR, K = 1e-5, 64
-ENGINES = ("fine-tuning", "KD live, full vocab", "KD live, top-64", "KD cached, top-64", "QAT int4 g32",
+ENGINES = ("fine-tuning", "KD live full-vocab", "KD live top-64", "KD cached top-64", "QAT int4 g32",
            "QAT int4 g32 + KD cached")
 
 
@@ -46,9 +46,9 @@ def engine_config(engine: str, spec: dict):
     from slmkit.train.objectives import objective
 
     teacher = (spec["folder"],)
-    kd = {"KD live, full vocab": DistillLoss(teacher, teacher_dtype="bfloat16"),
-          "KD live, top-64": DistillLoss(teacher, topk=K, teacher_dtype="bfloat16"),
-          "KD cached, top-64": DistillLoss(teacher, topk=K, cache=spec["cache"], teacher_dtype="bfloat16"),
+    kd = {"KD live full-vocab": DistillLoss(teacher, teacher_dtype="bfloat16"),
+          "KD live top-64": DistillLoss(teacher, topk=K, teacher_dtype="bfloat16"),
+          "KD cached top-64": DistillLoss(teacher, topk=K, cache=spec["cache"], teacher_dtype="bfloat16"),
           "QAT int4 g32 + KD cached": DistillLoss(teacher, topk=K, cache=spec["cache"], teacher_dtype="bfloat16")}
     qat = QATConfig(QScheme(4, 32, True)) if engine.startswith("QAT") else None
     return kd.get(engine, objective("lm")), qat
