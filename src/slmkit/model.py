@@ -8,6 +8,7 @@ S cached + new tokens, H query heads, K kv heads, D head dim, C model width.
 
 from __future__ import annotations
 
+import copy
 import math
 from functools import partial
 
@@ -102,14 +103,43 @@ class KVCache:
             self.keys.append(torch.zeros(shape, dtype=dtype, device=device))
             self.values.append(torch.zeros(shape, dtype=dtype, device=device))
 
-    def update(self, layer: int, pos: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store k, v [B, K, T, D] at positions pos..pos+T; return all keys and values so far [B, K, S, D]."""
-        end = pos + k.shape[2]
-        if end > self.max_len:
-            raise ValueError(f"KV cache holds {self.max_len} positions; asked for {end}")
-        self.keys[layer][:, :, pos:end] = k
-        self.values[layer][:, :, pos:end] = v
-        return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
+    def update(self, layer: int, pos, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store k, v [B, K, T, D] in the first B rows at positions pos..pos+T (pos an int, or a LongTensor [B]
+        of each row's own start); return those rows' keys and values so far [B, K, S, D]."""
+        B, end = k.shape[0], cache_end(pos, k.shape[2], self.max_len)
+        write_rows(self.keys[layer], pos, k)
+        write_rows(self.values[layer], pos, v)
+        return self.keys[layer][:B, :, :end], self.values[layer][:B, :, :end]
+
+    def rows(self, start: int, stop: int) -> "KVCache":
+        """The cache of rows start..stop, sharing this one's memory: what it stores lands here."""
+        view = copy.copy(self)
+        view.keys, view.values = [k[start:stop] for k in self.keys], [v[start:stop] for v in self.values]
+        return view
+
+    def move_row(self, src: int, dst: int) -> None:
+        """Copy row src over row dst (continuous batching keeps its live sequences in the first rows)."""
+        for t in self.keys + self.values:
+            t[dst] = t[src]
+
+
+def cache_end(pos, T: int, max_len: int) -> int:
+    """Positions a cache must expose after storing T tokens at pos (an int or per-row LongTensor [B])."""
+    end = (int(pos.max()) if torch.is_tensor(pos) else pos) + T
+    if end > max_len:
+        raise ValueError(f"KV cache holds {max_len} positions; asked for {end}")
+    return end
+
+
+def write_rows(store: torch.Tensor, pos, x: torch.Tensor) -> None:
+    """store [rows, K, max_len, ...] <- x [B, K, T, ...] at positions pos..pos+T of its first B rows; pos an int
+    or a LongTensor [B] (row b at pos[b]..pos[b]+T)."""
+    B, T = x.shape[0], x.shape[2]
+    if not torch.is_tensor(pos):
+        store[:B, :, pos:pos + T] = x
+        return
+    idx = pos[:, None] + torch.arange(T, device=pos.device)  # [B, T]
+    store[torch.arange(B, device=pos.device)[:, None], :, idx] = x.transpose(1, 2)  # indexed as [B, T, K, ...]
 
 
 # ---- blocks ----------------------------------------------------------------------------------
@@ -125,14 +155,14 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(self.head_dim, cfg.norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, cfg.norm_eps) if cfg.qk_norm else None
 
-    def forward(self, x, rope, mask, cache: KVCache | None, layer: int, pos: int) -> torch.Tensor:
+    def forward(self, x, rope, mask, cache: KVCache | None, layer: int, pos) -> torch.Tensor:
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # [B, H, T, D]
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # [B, K, T, D]
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # [B, K, T, D]
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        cos, sin = rope  # [T, D] each; sin signed (see rope_table)
+        cos, sin = rope  # [T, D] each, or [B, 1, T, D] with per-row positions; sin signed (see rope_table)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(layer, pos, k, v)  # [B, K, S, D]
@@ -221,23 +251,26 @@ class Decoder(nn.Module):
 
     def forward(self, tokens: torch.Tensor, cache: KVCache | None = None, pos: int = 0,
                 last_only: bool = False, labels: torch.Tensor | None = None, hidden: bool = False) -> torch.Tensor:
-        """tokens [B, T] at positions pos..pos+T -> logits [B, T, V] (or [B, 1, V] with last_only). With labels
+        """tokens [B, T] at positions pos..pos+T -> logits [B, T, V] (or [B, 1, V] with last_only). pos is an int,
+        or a LongTensor [B] of each row's own start (continuous batching: rows of one batch at different points
+        of their sequences, each in its own cache row; rows start past 0, i.e. after their prefill). With labels
         [B, T] (each position's next token, or losses.IGNORE): the summed cross-entropy instead, for training.
         With hidden: the final (normed) hidden states [B, T, C], for losses that apply head_matrix() themselves.
         A prompt-tuned model puts its P virtual tokens before position 0: they are in the cache and in the
         positions (pos counts real tokens only) but never in the output."""
         cfg, P = self.cfg, self.n_virtual
-        if pos + tokens.shape[1] + P > cfg.max_seq_len:
-            raise ValueError(f"sequence of {pos + tokens.shape[1] + P} positions exceeds the model's context of "
-                             f"{cfg.max_seq_len}")
+        last = (int(pos.max()) if torch.is_tensor(pos) else pos) + tokens.shape[1] + P
+        if last > cfg.max_seq_len:
+            raise ValueError(f"sequence of {last} positions exceeds the model's context of {cfg.max_seq_len}")
+        fresh = not torch.is_tensor(pos) and pos == 0  # a new sequence: the virtual tokens go first
         x = self.embed(tokens).to(self.compute_dtype)  # [B, T, C]
         if cfg.embed_scale != 1.0:
             x = x * torch.tensor(cfg.embed_scale, dtype=x.dtype)
-        if P and pos == 0:
+        if P and fresh:
             x = torch.cat([self.prompt.to(x.dtype).expand(x.shape[0], -1, -1), x], 1)  # [B, P + T, C]
-        pos = pos + P if pos else 0  # where x starts among all positions, virtual ones included
+        pos = 0 if fresh else pos + P  # where x starts among all positions, virtual ones included
         x = self.run_blocks(x, cache, pos)
-        if P and pos == 0:
+        if P and fresh:
             x = x[:, P:]  # [B, T, C]: the virtual positions have no output
         if last_only:
             x = x[:, -1:]  # [B, 1, C]
@@ -247,13 +280,20 @@ class Decoder(nn.Module):
             return self.norm(x)  # [B, T, C]
         return self.project(self.norm(x))  # [B, T, V]
 
-    def run_blocks(self, x: torch.Tensor, cache: KVCache | None, pos: int) -> torch.Tensor:
-        """x [B, T, C] at positions pos..pos+T through every block (block-wise activation checkpointing when
-        training with checkpoint_blocks: each block's inside is recomputed in the backward)."""
+    def run_blocks(self, x: torch.Tensor, cache: KVCache | None, pos) -> torch.Tensor:
+        """x [B, T, C] at positions pos..pos+T (an int, or per-row starts [B]) through every block (block-wise
+        activation checkpointing when training with checkpoint_blocks: each block's inside is recomputed in the
+        backward)."""
         cfg, T = self.cfg, x.shape[1]
-        ropes = {False: self.rope[:, pos:pos + T], True: self.rope_local[:, pos:pos + T]}  # [2, T, D] each
-        full = attention_mask(T, pos, None, x.device)
-        masks = {False: full, True: attention_mask(T, pos, cfg.sliding_window, x.device) if cfg.sliding_window else full}
+        if torch.is_tensor(pos):
+            idx = pos[:, None] + torch.arange(T, device=pos.device)  # [B, T]
+            ropes = {False: self.rope[:, idx].unsqueeze(2), True: self.rope_local[:, idx].unsqueeze(2)}  # [2,B,1,T,D]
+            mask_of = row_attention_mask
+        else:
+            ropes = {False: self.rope[:, pos:pos + T], True: self.rope_local[:, pos:pos + T]}  # [2, T, D] each
+            mask_of = attention_mask
+        full = mask_of(T, pos, None, x.device)
+        masks = {False: full, True: mask_of(T, pos, cfg.sliding_window, x.device) if cfg.sliding_window else full}
         recompute = self.checkpoint_blocks and torch.is_grad_enabled() and cache is None
         for layer in range(cfg.n_layers):
             block = self.blocks[layer // cfg.share_blocks]
@@ -302,6 +342,17 @@ def attention_mask(T: int, pos: int, window: int | None, device=None) -> torch.T
     if window is not None:
         allowed &= q_idx - k_idx < window
     return allowed
+
+
+def row_attention_mask(T: int, pos: torch.Tensor, window: int | None, device=None) -> torch.Tensor:
+    """Boolean [B, 1, T, S] mask for rows whose T queries start at their own positions pos [B] (S = the
+    furthest row's end): row b sees its keys 0..pos[b]+t, nothing another sequence left further on in its row."""
+    q_idx = pos[:, None, None] + torch.arange(T, device=device)[None, :, None]  # [B, T, 1]
+    k_idx = torch.arange(int(pos.max()) + T, device=device)[None, None, :]  # [1, 1, S]
+    allowed = k_idx <= q_idx
+    if window is not None:
+        allowed &= q_idx - k_idx < window
+    return allowed[:, None]  # [B, 1, T, S]
 
 
 def cast_weights_(model: Decoder, dtype: torch.dtype) -> Decoder:

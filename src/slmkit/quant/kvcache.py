@@ -7,6 +7,7 @@ scheme). Memory per cached token and layer: 2 x kv_heads x (head_dim x bits / 8 
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 from functools import partial
 from typing import ClassVar
@@ -16,6 +17,7 @@ from torch import nn
 
 from ..calib import CalibConfig
 from ..errors import require
+from ..model import cache_end, write_rows
 from .scheme import QScheme, dequantize, pack, packed_width, qparams, quantize, unpack
 
 
@@ -51,6 +53,12 @@ class _Store:
     def tensors(self) -> list[torch.Tensor]:
         return [t for t in (self.codes, self.scales, self.offsets) if t is not None]
 
+    def rows(self, start: int, stop: int) -> "_Store":
+        view = copy.copy(self)
+        view.codes, view.scales = self.codes[start:stop], self.scales[start:stop]
+        view.offsets = None if self.offsets is None else self.offsets[start:stop]
+        return view
+
 
 class QuantKVCache:
     """Drop-in for model.KVCache: `update` stores the new keys/values quantized and returns all of them so
@@ -66,27 +74,37 @@ class QuantKVCache:
             self.keys.append(_Store(shape, scheme, device))
             self.values.append(_Store(shape, scheme, device))
 
-    def update(self, layer: int, pos: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store k, v [B, K, T, D] at positions pos..pos+T; return all keys and values so far [B, K, S, D]."""
-        end = pos + k.shape[2]
-        if end > self.max_len:
-            raise ValueError(f"KV cache holds {self.max_len} positions; asked for {end}")
-        self._put(self.keys[layer], pos, end, k)
-        self._put(self.values[layer], pos, end, v)
-        return self._get(self.keys[layer], end), self._get(self.values[layer], end)
+    def update(self, layer: int, pos, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store k, v [B, K, T, D] in the first B rows at positions pos..pos+T (an int or per-row starts [B]);
+        return those rows' keys and values so far [B, K, S, D], dequantized."""
+        B, end = k.shape[0], cache_end(pos, k.shape[2], self.max_len)
+        self._put(self.keys[layer], pos, k)
+        self._put(self.values[layer], pos, v)
+        return self._get(self.keys[layer], B, end), self._get(self.values[layer], B, end)
 
-    def _put(self, store: _Store, pos: int, end: int, x: torch.Tensor) -> None:
+    def rows(self, start: int, stop: int) -> "QuantKVCache":
+        """The cache of rows start..stop, sharing this one's memory (see model.KVCache.rows)."""
+        view = copy.copy(self)
+        view.keys, view.values = [s.rows(start, stop) for s in self.keys], [s.rows(start, stop) for s in self.values]
+        return view
+
+    def move_row(self, src: int, dst: int) -> None:
+        for store in self.keys + self.values:
+            for t in store.tensors():
+                t[dst] = t[src]
+
+    def _put(self, store: _Store, pos, x: torch.Tensor) -> None:
         g = x.float().unflatten(-1, (-1, self.width))  # [B, K, T, groups, width]
         scale, offset = qparams(g, self.scheme)  # [B, K, T, groups, 1]
-        store.codes[:, :, pos:end] = pack(quantize(g, scale, offset, self.scheme).flatten(-2), self.scheme.bits)
-        store.scales[:, :, pos:end] = scale[..., 0].half()
+        write_rows(store.codes, pos, pack(quantize(g, scale, offset, self.scheme).flatten(-2), self.scheme.bits))
+        write_rows(store.scales, pos, scale[..., 0].half())
         if offset is not None:
-            store.offsets[:, :, pos:end] = offset[..., 0].half()
+            write_rows(store.offsets, pos, offset[..., 0].half())
 
-    def _get(self, store: _Store, end: int) -> torch.Tensor:
-        codes = unpack(store.codes[:, :, :end], self.scheme.bits).unflatten(-1, (-1, self.width))  # [B,K,S,groups,w]
-        offsets = None if store.offsets is None else store.offsets[:, :, :end, :, None].float()
-        x = dequantize(codes, store.scales[:, :, :end, :, None].float(), offsets, self.scheme)
+    def _get(self, store: _Store, B: int, end: int) -> torch.Tensor:
+        codes = unpack(store.codes[:B, :, :end], self.scheme.bits).unflatten(-1, (-1, self.width))  # [B,K,S,groups,w]
+        offsets = None if store.offsets is None else store.offsets[:B, :, :end, :, None].float()
+        x = dequantize(codes, store.scales[:B, :, :end, :, None].float(), offsets, self.scheme)
         return x.flatten(-2).to(self.dtype)  # [B, K, S, D]
 
     @property
