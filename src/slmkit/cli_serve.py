@@ -1,0 +1,48 @@
+"""`slm serve`: parsing only; the server is slmkit.serve."""
+
+from __future__ import annotations
+
+import sys
+import time
+
+from .cli_common import set_threads
+from .errors import require
+
+
+def serve_parser(sub) -> None:
+    from .loader import DTYPES
+
+    s = sub.add_parser("serve", help="an OpenAI-compatible HTTP server with continuous batching")
+    s.add_argument("model", nargs="?", default=None, help="the model to serve (default: SmolLM2-135M-Instruct)")
+    s.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback only)")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--name", default=None, help="the model id clients use (default: the model's name)")
+    s.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/*")
+    s.add_argument("--parallel", type=int, default=8, help="sequences decoded together (rows of the batch)")
+    s.add_argument("--queue", type=int, default=64, help="requests that may wait for a row; past it: 503")
+    s.add_argument("--ctx", type=int, default=2048, help="tokens per sequence, prompt and completion (capped by "
+                   "the model's context)")
+    s.add_argument("--max-tokens", type=int, default=1024, help="cap (and default) of a request's max_tokens")
+    s.add_argument("--dtype", choices=DTYPES, default="bfloat16", help="weight dtype in memory (default bfloat16)")
+    s.add_argument("--threads", type=int, default=None)
+
+
+def cmd_serve(args) -> None:
+    from .loader import load, DTYPES
+    from .serve import Engine, ServeConfig, create_app, run
+
+    require(0 < args.port < 65536, f"--port must be between 1 and 65535, got {args.port}")
+    require(1 <= args.parallel <= 256, f"--parallel must be between 1 and 256, got {args.parallel}")
+    require(0 <= args.queue <= 100_000, f"--queue must be between 0 and 100000, got {args.queue}")
+    require(2 <= args.ctx <= 1_048_576, f"--ctx must be between 2 and 1048576, got {args.ctx}")
+    require(1 <= args.max_tokens <= 1_048_576, f"--max-tokens must be between 1 and 1048576, got {args.max_tokens}")
+    set_threads(args)
+    t0 = time.perf_counter()
+    lm = load(args.model, DTYPES[args.dtype])
+    engine = Engine(lm.model.eval(), lm.tokenizer, args.parallel, args.queue, args.ctx)
+    name = args.name or lm.source.rsplit("/", 1)[-1].removesuffix(".gguf")
+    app = create_app(engine, ServeConfig(name, args.api_key, args.max_tokens))
+    print(f"[loaded {lm.source} in {time.perf_counter() - t0:.1f} s; serving {name!r} on http://{args.host}:"
+          f"{args.port}/v1 ({args.parallel} sequences at once, {args.queue} queued, context {engine.context})]",
+          file=sys.stderr)
+    run(app, args.host, args.port, limit_concurrency=args.parallel + args.queue + 64)
