@@ -38,6 +38,15 @@ def _sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=None)
 
 
+def _speculative_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--draft", default=None, metavar="MODEL", help="speculative decoding with this draft model (same "
+                   "vocabulary; e.g. a pruned or low-bit copy of MODEL)")
+    p.add_argument("--prompt-lookup", type=int, default=0, metavar="N", help="speculative decoding with drafts "
+                   "looked up after the last n-gram (n <= N) in the text so far")
+    p.add_argument("--draft-tokens", type=int, default=4, metavar="K", help="tokens drafted per verification "
+                   "(default 4)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="slm", description="slmkit: the small language model kit")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -50,6 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--prompt", required=True)
     gen.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     _sampling_args(gen)
+    _speculative_args(gen)
     chat = sub.add_parser("chat", help="interactive chat on the terminal (/exit or Ctrl-D to leave)")
     _model_args(chat, dtype="bfloat16")
     _backend_arg(chat)
@@ -218,12 +228,13 @@ def _generation_config(args, tokenizer):
                             tokenizer.stop_ids(), args.seed).validate()
 
 
-def _stream(lm, prompt_ids: list[int], gen_cfg) -> tuple[str, object]:
-    """Generate, printing text to stdout as it forms; returns (text, timings)."""
+def _stream(lm, prompt_ids: list[int], gen_cfg, tokens=None) -> tuple[str, object]:
+    """Generate (or print what `tokens`, a generator filling the returned timings, yields), printing text to
+    stdout as it forms; returns (text, timings)."""
     from .generate import TextStream, Timings, generate
 
     timings, stream, pieces = Timings(), TextStream(lm.tokenizer), []
-    for token in generate(lm.model, prompt_ids, gen_cfg, timings):
+    for token in (tokens(timings) if tokens else generate(lm.model, prompt_ids, gen_cfg, timings)):
         piece = stream.push(token)
         pieces.append(piece)
         sys.stdout.write(piece)
@@ -238,6 +249,11 @@ def _print_timings(t) -> None:
 
 
 def cmd_generate(args) -> None:
+    spec = bool(args.draft or args.prompt_lookup)
+    require(not spec or args.backend == "torch", "--draft / --prompt-lookup run on slmkit's own runtime "
+            "(--backend torch)")
+    require(not (args.draft and args.prompt_lookup), "give --draft or --prompt-lookup, not both")
+    require(1 <= args.draft_tokens <= 64, f"--draft-tokens must be between 1 and 64, got {args.draft_tokens}")
     t0 = time.perf_counter()
     lm = _load(args)
     print(f"[loaded {lm.source} in {time.perf_counter() - t0:.1f} s]", file=sys.stderr)
@@ -245,9 +261,21 @@ def cmd_generate(args) -> None:
     if args.chat:
         text = lm.tokenizer.render_chat([{"role": "user", "content": args.prompt}])
     ids = lm.tokenizer.encode(text)
-    _, timings = _stream(lm, ids, _generation_config(args, lm.tokenizer))
+    gen_cfg = _generation_config(args, lm.tokenizer)
+    if not spec:
+        _, timings = _stream(lm, ids, gen_cfg)
+        sys.stdout.write("\n")
+        return _print_timings(timings)
+    from .collab import SpecStats, make_drafter, speculative_generate
+
+    drafter, stats = make_drafter(lm, args.draft, args.prompt_lookup, DTYPES[args.dtype]), SpecStats()
+    _, timings = _stream(lm, ids, gen_cfg, lambda t: speculative_generate(lm.model, ids, gen_cfg, drafter,
+                                                                          args.draft_tokens, t, stats))
     sys.stdout.write("\n")
     _print_timings(timings)
+    print(f"[speculative: {stats.steps} verifications, {stats.accepted} of {stats.drafted} drafted tokens kept "
+          f"({stats.acceptance_rate:.0%}), {timings.new_tokens / max(stats.steps + 1, 1):.2f} tokens per target "
+          f"forward]", file=sys.stderr)
 
 
 def cmd_chat(args) -> None:

@@ -49,16 +49,22 @@ def sample(logits: torch.Tensor, cfg: GenerationConfig, generator: torch.Generat
     """One token id from logits [V] under the configured temperature, top-k and top-p."""
     if cfg.temperature == 0:
         return int(logits.argmax())
+    return int(torch.multinomial(distribution(logits, cfg), 1, generator=generator))
+
+
+def distribution(logits: torch.Tensor, cfg: GenerationConfig) -> torch.Tensor:
+    """The probabilities [..., V] that sampling draws from: logits / temperature, then top-k and top-p (the
+    smallest prefix of the sorted tokens reaching top_p) kept, the rest zero. temperature > 0."""
     logits = logits.float() / cfg.temperature
     if cfg.top_k:
-        kth = torch.topk(logits, min(cfg.top_k, logits.numel())).values[-1]
+        kth = torch.topk(logits, min(cfg.top_k, logits.shape[-1])).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if cfg.top_p < 1.0:
         sorted_logits, order = torch.sort(logits, descending=True)
-        cumulative = sorted_logits.softmax(-1).cumsum(-1)
-        drop = cumulative - sorted_logits.softmax(-1) >= cfg.top_p  # keep the smallest prefix reaching top_p
-        logits = logits.masked_fill(torch.zeros_like(drop).scatter(0, order, drop), float("-inf"))
-    return int(torch.multinomial(logits.softmax(-1), 1, generator=generator))
+        p = sorted_logits.softmax(-1)
+        drop = p.cumsum(-1) - p >= cfg.top_p  # keep the smallest prefix reaching top_p
+        logits = logits.masked_fill(torch.zeros_like(drop).scatter(-1, order, drop), float("-inf"))
+    return logits.softmax(-1)
 
 
 @torch.inference_mode()

@@ -107,6 +107,19 @@ class Tokenizer:
                    meta.get("tokenizer.chat_template"), keep)
 
 
+def vocabulary_difference(a: Tokenizer, a_rows: int, b: Tokenizer, b_rows: int, b_name: str = "the other"
+                          ) -> str | None:
+    """None when two models share a vocabulary (embedding rows, then token strings and ids); else what differs,
+    as a phrase about `a`: "has a vocabulary of 300 tokens, the other 512"."""
+    if a_rows != b_rows:
+        return f"has a vocabulary of {a_rows} tokens, {b_name} {b_rows}"
+    mine, theirs = a.backend.get_vocab(), b.backend.get_vocab()
+    if mine != theirs:
+        token = next(iter(sorted(set(mine.items()) ^ set(theirs.items()))))
+        return f"has {len(mine)} token strings, {b_name} {len(theirs)}, and they differ (e.g. {token[0]!r})"
+    return None
+
+
 def _raise_template_error(message: str):
     raise SlmError(f"chat template: {message}")
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import require
+from ..tokenizer import vocabulary_difference
 from .divergence import mixture
 
 TEACHER_DTYPES = ("float32", "bfloat16", "int8", "int4")
@@ -54,13 +55,8 @@ def fingerprint(model) -> str:
 def check_vocabulary(student_tokenizer, student_vocab: int, teacher_tokenizer, teacher_vocab: int,
                      source: str) -> None:
     """Refuse a teacher whose vocabulary is not the student's (size, then the token strings)."""
-    require(teacher_vocab == student_vocab, f"teacher {source} has a vocabulary of {teacher_vocab} tokens, the "
-            f"student {student_vocab}: distillation needs the same vocabulary")
-    mine, theirs = student_tokenizer.backend.get_vocab(), teacher_tokenizer.backend.get_vocab()
-    if mine != theirs:
-        token = next(iter(sorted(set(mine.items()) ^ set(theirs.items()))))
-        require(False, f"teacher {source} has {len(theirs)} token strings, the student {len(mine)}, and they differ "
-                f"(e.g. {token[0]!r}): distillation needs the same vocabulary")
+    differ = vocabulary_difference(teacher_tokenizer, teacher_vocab, student_tokenizer, student_vocab, "the student")
+    require(differ is None, f"teacher {source} {differ}: distillation needs the same vocabulary")
 
 
 @torch.no_grad()
