@@ -19,7 +19,7 @@ from slmkit.model import Decoder
 from slmkit.quant.kvcache import use_quantized_cache_
 from slmkit.quant.scheme import QScheme
 from slmkit.serve import Busy, Engine, Request, ServeConfig, ServerThread, create_app
-from slmkit.serve.text import StopText
+from slmkit.batching import StopText
 from slmkit.tokenizer import Tokenizer
 
 TEMPLATE = "{% for m in messages %}{{ m['content'] }} </s> {% endfor %}{% if add_generation_prompt %}w3{% endif %}"

@@ -10,6 +10,7 @@ import time
 
 from .backends import BACKENDS
 from .cli_common import set_threads as _set_threads
+from .cli_cascade import cascade_parser, cmd_cascade
 from .cli_serve import cmd_serve, serve_parser
 from .cli_synth import cmd_synth, synth_parser
 from .cli_train import cmd_merge, cmd_train, merge_parser, train_parser
@@ -71,6 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     merge_parser(sub)
     synth_parser(sub)
     serve_parser(sub)
+    cascade_parser(sub)
     _recipe_parser(sub)
     return parser
 
@@ -415,7 +417,7 @@ def cmd_report(args) -> None:
 COMMANDS = {"info": cmd_info, "generate": cmd_generate, "chat": cmd_chat, "eval": cmd_eval, "bench": cmd_bench,
             "report": cmd_report, "quantize": cmd_quantize, "prune": cmd_prune,
             "export": cmd_export, "train": cmd_train, "merge": cmd_merge, "synth": cmd_synth,
-            "serve": cmd_serve, "compress": cmd_compress}
+            "serve": cmd_serve, "cascade": cmd_cascade, "compress": cmd_compress}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -24,6 +24,14 @@ def serve_parser(sub) -> None:
                    "the model's context)")
     s.add_argument("--max-tokens", type=int, default=1024, help="cap (and default) of a request's max_tokens")
     s.add_argument("--dtype", choices=DTYPES, default="bfloat16", help="weight dtype in memory (default bfloat16)")
+    s.add_argument("--cascade", default=None, metavar="LARGE", help="answer unconfident requests with this model: "
+                   "a local model or an OpenAI-compatible server's URL (http://...)")
+    s.add_argument("--threshold", type=float, default=None, help="--cascade: escalate when the answer's confidence "
+                   "(a log-probability quantile, <= 0; slm cascade calibrate chooses it) is below this")
+    s.add_argument("--cascade-quantile", type=float, default=0.1, help="--cascade: the quantile (default 0.1)")
+    s.add_argument("--cascade-model", default=None, help="--cascade URL: the model id to ask for (default: the "
+                   "first it lists)")
+    s.add_argument("--cascade-timeout", type=float, default=60.0, help="--cascade URL: seconds to wait (default 60)")
     s.add_argument("--threads", type=int, default=None)
 
 
@@ -36,13 +44,40 @@ def cmd_serve(args) -> None:
     require(0 <= args.queue <= 100_000, f"--queue must be between 0 and 100000, got {args.queue}")
     require(2 <= args.ctx <= 1_048_576, f"--ctx must be between 2 and 1048576, got {args.ctx}")
     require(1 <= args.max_tokens <= 1_048_576, f"--max-tokens must be between 1 and 1048576, got {args.max_tokens}")
+    require((args.cascade is None) == (args.threshold is None), "--cascade and --threshold go together")
+    require(args.threshold is None or -1e9 < args.threshold <= 0, f"--threshold is a log-probability: in (-1e9, 0], "
+            f"got {args.threshold}")
+    require(0 <= args.cascade_quantile <= 1, f"--cascade-quantile must be in [0, 1], got {args.cascade_quantile}")
+    require(0 < args.cascade_timeout <= 3600, f"--cascade-timeout must be in (0, 3600], got {args.cascade_timeout}")
     set_threads(args)
     t0 = time.perf_counter()
     lm = load(args.model, DTYPES[args.dtype])
     engine = Engine(lm.model.eval(), lm.tokenizer, args.parallel, args.queue, args.ctx)
     name = args.name or lm.source.rsplit("/", 1)[-1].removesuffix(".gguf")
-    app = create_app(engine, ServeConfig(name, args.api_key, args.max_tokens))
+    app = create_app(engine, ServeConfig(name, args.api_key, args.max_tokens, cascade=_cascade(args, lm)))
     print(f"[loaded {lm.source} in {time.perf_counter() - t0:.1f} s; serving {name!r} on http://{args.host}:"
           f"{args.port}/v1 ({args.parallel} sequences at once, {args.queue} queued, context {engine.context})]",
           file=sys.stderr)
     run(app, args.host, args.port, limit_concurrency=args.parallel + args.queue + 64)
+
+
+def _cascade(args, small):
+    """The cascade route --cascade / --threshold ask for (a local large model must share the vocabulary)."""
+    from .batching import Engine
+    from .loader import DTYPES, load
+    from .serve.cascade import CascadeRoute
+    from .tokenizer import vocabulary_difference
+
+    if args.cascade is None:
+        return None
+    route = CascadeRoute(args.threshold, args.cascade_quantile, model=args.cascade_model,
+                         timeout_s=args.cascade_timeout)
+    if args.cascade.startswith(("http://", "https://")):
+        route.url = args.cascade
+        return route.validate()
+    large = load(args.cascade, DTYPES[args.dtype])
+    differ = vocabulary_difference(large.tokenizer, large.model.cfg.vocab_size, small.tokenizer,
+                                   small.model.cfg.vocab_size, "the served model")
+    require(differ is None, f"cascade model {large.source} {differ}: a cascade needs the same vocabulary")
+    route.engine = Engine(large.model.eval(), large.tokenizer, args.parallel, args.queue, args.ctx)
+    return route.validate()

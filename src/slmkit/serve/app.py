@@ -22,7 +22,9 @@ from starlette.exceptions import HTTPException
 
 from ..errors import SlmError
 from ..generate import GenerationConfig
-from .engine import Busy, Engine, Event, Request as EngineRequest
+from ..batching import Busy, Engine, Event, Request as EngineRequest
+from ..collab.cascade import quantile_confidence
+from .cascade import CascadeRoute, UpstreamError, ask_upstream
 from .metrics import Metrics
 from .schemas import ChatRequest, CompletionRequest, Sampling
 
@@ -33,6 +35,7 @@ class ServeConfig:
     api_key: str | None = None  # required as "Authorization: Bearer KEY" on /v1/* when set
     max_tokens: int = 1024  # cap of a request's max_tokens (and its default)
     retry_after_s: int = 1  # what a 503 tells the client to wait
+    cascade: CascadeRoute | None = None  # escalate unconfident answers to a large model (serve/cascade.py)
 
 
 class ApiError(Exception):
@@ -53,11 +56,12 @@ def create_app(engine: Engine, config: ServeConfig, own_engine: bool = True) -> 
 
     @asynccontextmanager
     async def lifespan(_app):
-        if own_engine:
-            engine.start()
+        engines = [engine] * own_engine + ([config.cascade.engine] if config.cascade and config.cascade.engine else [])
+        for e in engines:
+            e.start()
         yield
-        if own_engine:
-            engine.stop()
+        for e in engines:
+            e.stop()
 
     app = FastAPI(title="slmkit", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.engine, app.state.metrics, app.state.config = engine, metrics, config
@@ -138,6 +142,22 @@ async def _complete(app: FastAPI, request: Request, body: Sampling, ids: list[in
                        code="model_not_found")
     gen = GenerationConfig(min(max_tokens or body.max_tokens or config.max_tokens, config.max_tokens),
                            body.temperature, 0, body.top_p, engine.tokenizer.stop_ids(), body.seed)
+    reply = Reply(config.model_id, chat, body.include_usage)
+    if config.cascade is not None:
+        return await _cascade(app, request, body, ids, gen, reply)
+    handle, events = _submit(engine, ids, gen, body, config)
+    if body.stream:
+        return StreamingResponse(_sse(reply, events, handle, app.state.metrics), media_type="text/event-stream",
+                                 headers=SSE_HEADERS)
+    got = await _collect(handle, events, request, app.state.metrics)
+    return Response(status_code=499) if got is None else reply.whole(got[0], got[1])
+
+
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+def _submit(engine: Engine, ids: list[int], gen: GenerationConfig, body: Sampling, config: ServeConfig):
+    """Queue the request on `engine`; (handle, an asyncio queue its events arrive on)."""
     loop, events = asyncio.get_running_loop(), asyncio.Queue()
     try:
         handle = engine.submit(EngineRequest(ids, gen, tuple(body.stop or ())),
@@ -147,31 +167,72 @@ async def _complete(app: FastAPI, request: Request, body: Sampling, ids: list[in
                        {"Retry-After": str(config.retry_after_s)}) from None
     except SlmError as e:
         raise ApiError(400, str(e), code="context_length_exceeded") from None
-    reply = Reply(config.model_id, chat, body.include_usage)
-    if body.stream:
-        return StreamingResponse(_sse(reply, events, handle, app.state.metrics), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-    return await _whole(reply, events, handle, request, app.state.metrics)
+    return handle, events
 
 
-async def _whole(reply: "Reply", events: asyncio.Queue, handle, request: Request, metrics: Metrics):
-    """Wait for the whole completion (checking every second that the client is still there)."""
-    pieces = []
+async def _collect(handle, events: asyncio.Queue, request: Request, metrics: Metrics):
+    """Wait for the whole completion (checking every second that the client is still there): (text, final
+    event, token log-probabilities), or None when the client left."""
+    pieces, logprobs = [], []
     while True:
         try:
             ev: Event = await asyncio.wait_for(events.get(), timeout=1.0)
         except asyncio.TimeoutError:
             if await request.is_disconnected():
                 handle.cancel()
-                return Response(status_code=499)
+                return None
             continue
         pieces.append(ev.text)
+        if ev.logprob is not None:
+            logprobs.append(ev.logprob)
         if ev.done:
             metrics.finished(ev)
             if ev.finish_reason in ("error", "cancelled"):
                 raise ApiError(500 if ev.error else 503, ev.error or "the server is shutting down", "server_error",
                                ev.finish_reason)
-            return reply.whole("".join(pieces), ev)
+            return "".join(pieces), ev, logprobs
+
+
+async def _cascade(app: FastAPI, request: Request, body: Sampling, ids: list[int], gen: GenerationConfig,
+                   reply: "Reply"):
+    """The small model answers in full; below the threshold the large one answers instead. The response says
+    which (X-Slmkit-Route) and the small answer's confidence (X-Slmkit-Confidence); a streamed response
+    starts once the route is known."""
+    config, metrics = app.state.config, app.state.metrics
+    route: CascadeRoute = config.cascade
+    got = await _collect(*_submit(app.state.engine, ids, gen, body, config), request, metrics)
+    if got is None:
+        return Response(status_code=499)
+    text, ev, logprobs = got
+    confidence = quantile_confidence(logprobs, route.quantile)
+    escalate = confidence < route.threshold
+    if escalate and route.engine is not None:
+        got = await _collect(*_submit(route.engine, ids, gen, body, config), request, metrics)
+        if got is None:
+            return Response(status_code=499)
+        text, ev, _ = got
+    elif escalate:
+        try:
+            text, ev = await ask_upstream(route, request.url.path, body.model_dump(exclude_none=True))
+        except UpstreamError as e:
+            raise ApiError(e.status, e.message, "server_error", e.code) from None
+    metrics.routed.labels("large" if escalate else "small").inc()
+    headers = {"X-Slmkit-Route": "large" if escalate else "small", "X-Slmkit-Confidence": f"{confidence:.4f}"}
+    if body.stream:
+        return StreamingResponse(_sse_whole(reply, text, ev), media_type="text/event-stream",
+                                 headers={**SSE_HEADERS, **headers})
+    return JSONResponse(reply.whole(text, ev), headers=headers)
+
+
+async def _sse_whole(reply: "Reply", text: str, ev: Event):
+    """A finished answer as server-sent events."""
+    if reply.chat:
+        yield reply.sse(reply.chunk({"role": "assistant", "content": ""}, None))
+    yield reply.sse(reply.chunk({"content": text} if reply.chat else text, None))
+    yield reply.sse(reply.chunk({} if reply.chat else "", ev.finish_reason))
+    if reply.include_usage:
+        yield reply.sse(reply.usage_chunk(ev))
+    yield "data: [DONE]\n\n"
 
 
 async def _sse(reply: "Reply", events: asyncio.Queue, handle, metrics: Metrics):

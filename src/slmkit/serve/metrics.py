@@ -18,6 +18,8 @@ class Metrics:
                               buckets=LATENCY_BUCKETS, registry=r)
         self.tpot = Histogram("slm_time_per_output_token_seconds", "mean time per generated token after the first",
                               buckets=LATENCY_BUCKETS, registry=r)
+        self.routed = Counter("slm_cascade_routed", "cascade answers, by the model that gave them", ["model"],
+                              registry=r)
         Gauge("slm_queue_depth", "requests waiting for a row", registry=r).set_function(lambda: engine.queue_depth)
         Gauge("slm_active_sequences", "sequences decoding now", registry=r).set_function(lambda: engine.n_active)
         Gauge("slm_max_active_sequences", "rows of the batch", registry=r).set(engine.max_active)

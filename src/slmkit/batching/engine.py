@@ -35,6 +35,7 @@ class Event:
     """What the engine tells a request's sink: a piece of text, then one final event (`done`)."""
     text: str = ""
     token: int | None = None  # the token this event's text came from (its text may be held back: "")
+    logprob: float | None = None  # the model's log-probability of that token (before temperature)
     done: bool = False
     finish_reason: str | None = None  # "stop" (a stop token or string), "length", "cancelled", "error"
     prompt_tokens: int = 0
@@ -192,7 +193,8 @@ class Engine:
         if token in seq.request.gen.stop_ids:
             return self._finish(seq, "stop")
         seq.token, seq.new, seq.last = token, seq.new + 1, now
-        seq.sink(Event(text=seq.stop.push(seq.stream.push(token)), token=token))
+        logprob = float(torch.log_softmax(logits.float(), -1)[token])
+        seq.sink(Event(text=seq.stop.push(seq.stream.push(token)), token=token, logprob=logprob))
         if seq.stop.stopped:
             return self._finish(seq, "stop")
         if seq.new >= seq.limit:
