@@ -284,3 +284,23 @@ def test_cli_refuses_bad_numbers(argv, message, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1
+
+
+def test_requests_past_the_in_flight_bound_get_503_at_once(tok):
+    import threading
+
+    engine = Engine(tiny_model(), tok, max_active=4, max_queue=4, context=64)  # not started: requests wait
+    with ServerThread(create_app(engine, ServeConfig("tiny", max_in_flight=2), own_engine=False)) as srv:
+        waiting = [threading.Thread(target=httpx.post, args=(srv.url + "/v1/completions",),
+                                    kwargs={"json": {"prompt": "w5", "max_tokens": 2}, "timeout": 30}) for _ in range(2)]
+        for t in waiting:
+            t.start()
+        deadline = time.monotonic() + 10
+        while engine.queue_depth < 2 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        r = httpx.post(srv.url + "/v1/completions", json={"prompt": "w5", "max_tokens": 2}, timeout=10)
+        assert r.status_code == 503 and r.json()["error"]["code"] == "server_busy" and r.headers["retry-after"]
+        assert httpx.get(srv.url + "/health").status_code == 200  # health and metrics are never turned away
+        engine.stop()  # the waiting requests end (503: shutting down)
+        for t in waiting:
+            t.join(timeout=10)

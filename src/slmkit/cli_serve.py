@@ -58,7 +58,7 @@ def cmd_serve(args) -> None:
     print(f"[loaded {lm.source} in {time.perf_counter() - t0:.1f} s; serving {name!r} on http://{args.host}:"
           f"{args.port}/v1 ({args.parallel} sequences at once, {args.queue} queued, context {engine.context})]",
           file=sys.stderr)
-    run(app, args.host, args.port, limit_concurrency=args.parallel + args.queue + 64)
+    run(app, args.host, args.port, limit_concurrency=4 * (args.parallel + args.queue) + 1024)
 
 
 def _cascade(args, small):

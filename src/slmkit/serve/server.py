@@ -11,8 +11,8 @@ from ..errors import SlmError
 
 
 def uvicorn_config(app, host: str, port: int, limit_concurrency: int | None, log_level: str = "info"):
-    # limit_concurrency: past this many open connections uvicorn itself answers 503 before the app runs — the
-    # last guard of a burst, above the engine's own queue bound
+    # limit_concurrency: past this many open connections uvicorn itself answers a bare 503 before the app runs —
+    # the last guard of a burst, above the app's own in-flight bound (which answers with OpenAI's error body)
     return uvicorn.Config(app, host=host, port=port, log_level=log_level, limit_concurrency=limit_concurrency,
                           timeout_keep_alive=5, access_log=False, lifespan="on")
 
