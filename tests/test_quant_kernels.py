@@ -120,3 +120,21 @@ def test_small_matmul_still_matches_torch(dtype, threads):
         assert y.shape == (1, rows, 37)
         torch.testing.assert_close(y, F.linear(x, w.float()), rtol=1e-4, atol=1e-4)
     assert kernels.small_matmul(inputs(kernels.MAX_ROWS + 1), w) is None
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_rows_product_does_not_depend_on_the_rows_beside_it(dtype):
+    """Rows go through the float kernel in groups of 8, 4 and 1; each row's result is bit for bit the same in
+    any group (continuous batching and speculative verification rely on it: a request's logits do not change
+    with what else is in the batch)."""
+    from slmkit import kernels
+
+    if kernels.library() is None:
+        pytest.skip("no C compiler")
+    W = torch.randn(300, 577).to(dtype)  # 577: a tail past the last full group of lanes
+    x = torch.randn(8, 577)
+    full = kernels.small_matmul(x, W)
+    for m in range(1, 9):
+        assert torch.equal(kernels.small_matmul(x[:m].clone(), W), full[:m])
+    alone = torch.stack([kernels.small_matmul(x[i:i + 1].clone(), W)[0] for i in range(8)])
+    assert torch.equal(alone, full)

@@ -9,8 +9,12 @@
 #include <string.h>
 
 /* Dot products accumulate into LANES independent partial sums so that consecutive fused multiply-adds do
- * not wait on each other (one vector accumulator is latency-bound at about half the memory bandwidth). */
-#define LANES 64
+ * not wait on each other. Input rows go four at a time: each weight element is loaded (and, for bf16,
+ * converted) once for four products, so a few-row product (continuous batching, speculative verification)
+ * costs little more than one row. A row's arithmetic is the same alone or in a group of four (the same LANES
+ * partial sums, summed in the same order), so results do not depend on how rows are grouped. 16 lanes with
+ * four-row groups measured fastest here (gcc -O3 -march=native; 64 lanes spilled registers in the groups). */
+#define LANES 16
 
 static inline float bf16_to_f32(uint16_t h) {
     uint32_t bits = (uint32_t)h << 16;
@@ -19,39 +23,83 @@ static inline float bf16_to_f32(uint16_t h) {
     return f;
 }
 
+static inline float f32_id(float v) { return v; }
+
+/* y[o], y[out + o], ... for one weight row w and the rows x0.. (ROWS of them, 1 or 4) */
+#define ROWS_KERNEL(NAME, WT, LOAD)                                                                          \
+    static inline void NAME##_1(const WT *w, const float *x0, float *y, int64_t in) {                         \
+        float a0[LANES] = {0};                                                                               \
+        int64_t i = 0;                                                                                       \
+        for (; i + LANES <= in; i += LANES)                                                                  \
+            for (int j = 0; j < LANES; j++) a0[j] += LOAD(w[i + j]) * x0[i + j];                             \
+        float s0 = 0.0f;                                                                                     \
+        for (; i < in; i++) s0 += LOAD(w[i]) * x0[i];                                                        \
+        for (int j = 0; j < LANES; j++) s0 += a0[j];                                                         \
+        y[0] = s0;                                                                                           \
+    }                                                                                                        \
+    static inline void NAME##_4(const WT *w, const float *x0, float *y, int64_t in, int64_t out) {            \
+        const float *x1 = x0 + in, *x2 = x1 + in, *x3 = x2 + in;                                             \
+        float a0[LANES] = {0}, a1[LANES] = {0}, a2[LANES] = {0}, a3[LANES] = {0};                            \
+        int64_t i = 0;                                                                                       \
+        for (; i + LANES <= in; i += LANES)                                                                  \
+            for (int j = 0; j < LANES; j++) {                                                                \
+                float wv = LOAD(w[i + j]);                                                                   \
+                a0[j] += wv * x0[i + j], a1[j] += wv * x1[i + j], a2[j] += wv * x2[i + j], a3[j] += wv * x3[i + j]; \
+            }                                                                                                \
+        float s0 = 0.0f, s1 = 0.0f, s2 = 0.0f, s3 = 0.0f;                                                    \
+        for (; i < in; i++) {                                                                                \
+            float wv = LOAD(w[i]);                                                                           \
+            s0 += wv * x0[i], s1 += wv * x1[i], s2 += wv * x2[i], s3 += wv * x3[i];                          \
+        }                                                                                                    \
+        for (int j = 0; j < LANES; j++) s0 += a0[j], s1 += a1[j], s2 += a2[j], s3 += a3[j];                  \
+        y[0] = s0, y[out] = s1, y[2 * out] = s2, y[3 * out] = s3;                                            \
+    }
+
+ROWS_KERNEL(rows_f32, float, f32_id)
+ROWS_KERNEL(rows_bf16, uint16_t, bf16_to_f32)
+
+/* Eight rows at once: two groups of four sharing each weight load (the same per-row arithmetic). */
+#define ROWS8_KERNEL(NAME, WT, LOAD)                                                                         \
+    static inline void NAME##_8(const WT *w, const float *x0, float *y, int64_t in, int64_t out) {            \
+        const float *x4 = x0 + 4 * in;                                                                       \
+        float a[8][LANES] = {{0}};                                                                           \
+        int64_t i = 0;                                                                                       \
+        for (; i + LANES <= in; i += LANES)                                                                  \
+            for (int j = 0; j < LANES; j++) {                                                                \
+                float wv = LOAD(w[i + j]);                                                                   \
+                a[0][j] += wv * x0[i + j], a[1][j] += wv * x0[in + i + j];                                   \
+                a[2][j] += wv * x0[2 * in + i + j], a[3][j] += wv * x0[3 * in + i + j];                      \
+                a[4][j] += wv * x4[i + j], a[5][j] += wv * x4[in + i + j];                                   \
+                a[6][j] += wv * x4[2 * in + i + j], a[7][j] += wv * x4[3 * in + i + j];                      \
+            }                                                                                                \
+        for (int r = 0; r < 8; r++) {                                                                        \
+            float s = 0.0f;                                                                                  \
+            for (int64_t t = i; t < in; t++) s += LOAD(w[t]) * x0[r * in + t];                               \
+            for (int j = 0; j < LANES; j++) s += a[r][j];                                                    \
+            y[r * out] = s;                                                                                  \
+        }                                                                                                    \
+    }
+
+ROWS8_KERNEL(rows_f32, float, f32_id)
+ROWS8_KERNEL(rows_bf16, uint16_t, bf16_to_f32)
+
 void gemv_f32(const float *W, const float *x, float *y, int64_t M, int64_t out, int64_t in, int threads) {
 #pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t o = 0; o < out; o++) {
-        const float *w = W + o * in;
-        for (int64_t m = 0; m < M; m++) {
-            const float *xm = x + m * in;
-            float acc[LANES] = {0};
-            int64_t i = 0;
-            for (; i + LANES <= in; i += LANES)
-                for (int j = 0; j < LANES; j++) acc[j] += w[i + j] * xm[i + j];
-            float sum = 0.0f;
-            for (; i < in; i++) sum += w[i] * xm[i];
-            for (int j = 0; j < LANES; j++) sum += acc[j];
-            y[m * out + o] = sum;
-        }
+        int64_t m = 0;
+        for (; m + 8 <= M; m += 8) rows_f32_8(W + o * in, x + m * in, y + m * out + o, in, out);
+        for (; m + 4 <= M; m += 4) rows_f32_4(W + o * in, x + m * in, y + m * out + o, in, out);
+        for (; m < M; m++) rows_f32_1(W + o * in, x + m * in, y + m * out + o, in);
     }
 }
 
 void gemv_bf16(const uint16_t *W, const float *x, float *y, int64_t M, int64_t out, int64_t in, int threads) {
 #pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t o = 0; o < out; o++) {
-        const uint16_t *w = W + o * in;
-        for (int64_t m = 0; m < M; m++) {
-            const float *xm = x + m * in;
-            float acc[LANES] = {0};
-            int64_t i = 0;
-            for (; i + LANES <= in; i += LANES)
-                for (int j = 0; j < LANES; j++) acc[j] += bf16_to_f32(w[i + j]) * xm[i + j];
-            float sum = 0.0f;
-            for (; i < in; i++) sum += bf16_to_f32(w[i]) * xm[i];
-            for (int j = 0; j < LANES; j++) sum += acc[j];
-            y[m * out + o] = sum;
-        }
+        int64_t m = 0;
+        for (; m + 8 <= M; m += 8) rows_bf16_8(W + o * in, x + m * in, y + m * out + o, in, out);
+        for (; m + 4 <= M; m += 4) rows_bf16_4(W + o * in, x + m * in, y + m * out + o, in, out);
+        for (; m < M; m++) rows_bf16_1(W + o * in, x + m * in, y + m * out + o, in);
     }
 }
 
