@@ -100,9 +100,12 @@ class Collect:
             self.done = ev
 
 
-@pytest.mark.parametrize("window,kv_bits", [(None, 0), (6, 0), (None, 8)])
-def test_continuous_batching_equals_generate_alone(tok, window, kv_bits):
-    """Requests of different lengths arriving at different steps; each one's greedy output equals generate()."""
+@pytest.mark.parametrize("window,kv_bits,lookup", [(None, 0, 0), (6, 0, 0), (None, 8, 0), (None, 0, 3), (6, 0, 2)])
+def test_continuous_batching_equals_generate_alone(tok, window, kv_bits, lookup):
+    """Requests of different lengths arriving at different steps; each one's greedy output equals generate()
+    (with lookup: every row's prompt-lookup drafts verified in the batch's one forward)."""
+    from slmkit.collab import PromptLookup
+
     model = tiny_model(window)
     if kv_bits:
         use_quantized_cache_(model, QScheme(kv_bits, 0, False))
@@ -110,7 +113,8 @@ def test_continuous_batching_equals_generate_alone(tok, window, kv_bits):
         (0, [5, 9, 13], 20), (0, list(range(3, 40)), 7), (3, [7] * 5, 30), (4, list(range(50, 61)), 12),
         (9, [11, 12], 16), (9, [100, 101, 102, 103], 5)]
     want = [list(generate(model, p, GenerationConfig(max_new_tokens=n))) for _, p, n in plan]
-    engine = Engine(model, tok, max_active=3, max_queue=8, context=96)
+    engine = Engine(model, tok, max_active=3, max_queue=8, context=96,
+                    drafter=PromptLookup(lookup) if lookup else None, draft_tokens=4)
     got = [Collect() for _ in plan]
     step = 0
     while step < 200 and not all(c.done for c in got):
@@ -123,6 +127,8 @@ def test_continuous_batching_equals_generate_alone(tok, window, kv_bits):
     for c, w, (_, p, n) in zip(got, want, plan):
         assert c.tokens == w
         assert (c.done.finish_reason, c.done.completion_tokens, c.done.prompt_tokens) == ("length", n, len(p))
+    if lookup:
+        assert engine.accepted > 0  # drafts were kept (and the output is still each request's own)
 
 
 def test_seeded_sampling_equals_generate_alone(tok):

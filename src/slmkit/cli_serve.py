@@ -24,6 +24,10 @@ def serve_parser(sub) -> None:
                    "the model's context)")
     s.add_argument("--max-tokens", type=int, default=1024, help="cap (and default) of a request's max_tokens")
     s.add_argument("--dtype", choices=DTYPES, default="bfloat16", help="weight dtype in memory (default bfloat16)")
+    s.add_argument("--prompt-lookup", type=int, default=0, metavar="N", help="speculative decoding in the batch: "
+                   "each row drafts what followed the last n-gram (n <= N) in its text so far")
+    s.add_argument("--draft-tokens", type=int, default=4, metavar="K", help="--prompt-lookup: tokens drafted per "
+                   "step (default 4)")
     s.add_argument("--cascade", default=None, metavar="LARGE", help="answer unconfident requests with this model: "
                    "a local model or an OpenAI-compatible server's URL (http://...)")
     s.add_argument("--threshold", type=float, default=None, help="--cascade: escalate when the answer's confidence "
@@ -36,7 +40,8 @@ def serve_parser(sub) -> None:
 
 
 def cmd_serve(args) -> None:
-    from .loader import load, DTYPES
+    from .collab import PromptLookup
+    from .loader import DTYPES, load
     from .serve import Engine, ServeConfig, create_app, run
 
     require(0 < args.port < 65536, f"--port must be between 1 and 65535, got {args.port}")
@@ -44,6 +49,8 @@ def cmd_serve(args) -> None:
     require(0 <= args.queue <= 100_000, f"--queue must be between 0 and 100000, got {args.queue}")
     require(2 <= args.ctx <= 1_048_576, f"--ctx must be between 2 and 1048576, got {args.ctx}")
     require(1 <= args.max_tokens <= 1_048_576, f"--max-tokens must be between 1 and 1048576, got {args.max_tokens}")
+    require(0 <= args.prompt_lookup <= 64, f"--prompt-lookup must be between 0 and 64, got {args.prompt_lookup}")
+    require(1 <= args.draft_tokens <= 64, f"--draft-tokens must be between 1 and 64, got {args.draft_tokens}")
     require((args.cascade is None) == (args.threshold is None), "--cascade and --threshold go together")
     require(args.threshold is None or -1e9 < args.threshold <= 0, f"--threshold is a log-probability: in (-1e9, 0], "
             f"got {args.threshold}")
@@ -52,7 +59,8 @@ def cmd_serve(args) -> None:
     set_threads(args)
     t0 = time.perf_counter()
     lm = load(args.model, DTYPES[args.dtype])
-    engine = Engine(lm.model.eval(), lm.tokenizer, args.parallel, args.queue, args.ctx)
+    drafter = PromptLookup(args.prompt_lookup) if args.prompt_lookup else None
+    engine = Engine(lm.model.eval(), lm.tokenizer, args.parallel, args.queue, args.ctx, drafter, args.draft_tokens)
     name = args.name or lm.source.rsplit("/", 1)[-1].removesuffix(".gguf")
     app = create_app(engine, ServeConfig(name, args.api_key, args.max_tokens, cascade=_cascade(args, lm)))
     print(f"[loaded {lm.source} in {time.perf_counter() - t0:.1f} s; serving {name!r} on http://{args.host}:"

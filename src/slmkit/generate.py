@@ -67,6 +67,33 @@ def distribution(logits: torch.Tensor, cfg: GenerationConfig) -> torch.Tensor:
     return logits.softmax(-1)
 
 
+def verify(logits: torch.Tensor, drafts: list[int], q: torch.Tensor | None, cfg: GenerationConfig,
+           generator: torch.Generator | None) -> tuple[int, int]:
+    """Speculative decoding's acceptance rule (see slmkit.collab.speculative): the target's logits [n+1, V] at
+    the positions before each of the n drafts and after the last; the drafter's probabilities q [n, V] (None:
+    each draft was certain). Returns (drafts kept, the next token)."""
+    if cfg.temperature == 0:
+        best = logits.argmax(-1).tolist()
+        for i, d in enumerate(drafts):
+            if best[i] != d:
+                return i, best[i]
+        return len(drafts), best[len(drafts)]
+    p = distribution(logits, cfg)  # [n+1, V]
+    for i, d in enumerate(drafts):
+        q_d = 1.0 if q is None else float(q[i, d])
+        if float(torch.rand((), generator=generator)) * q_d < float(p[i, d]):  # u < p / q without dividing
+            continue
+        residual = p[i].clone()
+        if q is None:
+            residual[d] = 0.0
+        else:
+            residual = (p[i] - q[i]).clamp_min(0.0)
+        if float(residual.sum()) <= 0.0:  # p == q: nothing to correct towards (the draft was rejected by u)
+            residual = p[i]
+        return i, int(torch.multinomial(residual / residual.sum(), 1, generator=generator))
+    return len(drafts), int(torch.multinomial(p[len(drafts)], 1, generator=generator))
+
+
 @torch.inference_mode()
 def generate(model: Decoder, prompt: list[int], cfg: GenerationConfig, timings: Timings | None = None) -> Iterator[int]:
     """Yield new token ids one at a time (streaming); stops at a stop token (not yielded) or max_new_tokens."""

@@ -22,7 +22,7 @@ from typing import Callable
 import torch
 
 from ..errors import SlmError, require
-from ..generate import GenerationConfig, TextStream, sample
+from ..generate import GenerationConfig, TextStream, sample, verify
 from .text import StopText
 
 
@@ -61,6 +61,7 @@ class _Seq:
     limit: int  # new tokens allowed (max_tokens capped by the context)
     generator: torch.Generator | None
     arrived: float = field(default_factory=time.perf_counter)
+    history: list[int] = field(default_factory=list)  # prompt and generated tokens (what a drafter reads)
     pos: int = 0  # where the next token goes
     token: int = -1  # the last sampled token, fed at the next step
     new: int = 0  # tokens generated
@@ -81,13 +82,22 @@ class Handle:
 
 
 class Engine:
-    def __init__(self, model, tokenizer, max_active: int = 8, max_queue: int = 64, context: int | None = None):
+    def __init__(self, model, tokenizer, max_active: int = 8, max_queue: int = 64, context: int | None = None,
+                 drafter=None, draft_tokens: int = 4):
+        """drafter: speculative decoding inside the batch — an object whose propose(tokens, k, gen, generator)
+        drafts up to k tokens from a sequence's tokens alone (prompt lookup: slmkit.collab.PromptLookup); each
+        step then verifies every row's drafts in the same forward."""
         require(max_active >= 1, f"max_active must be >= 1, got {max_active}")
         require(max_queue >= 0, f"max_queue must be >= 0, got {max_queue}")
         self.model, self.tokenizer = model, tokenizer
         self.context = min(context or model.cfg.max_seq_len, model.cfg.max_seq_len - model.n_virtual)
         require(self.context >= 2, f"context must be >= 2 tokens, got {self.context}")
         self.max_active, self.max_queue = max_active, max_queue
+        require(drafter is None or getattr(drafter, "stateless", False), "the batch engine drafts by prompt lookup "
+                "only (a draft model keeps a cache per sequence)")
+        require(1 <= draft_tokens <= 64, f"draft_tokens must be between 1 and 64, got {draft_tokens}")
+        self.drafter, self.draft_tokens = drafter, draft_tokens
+        self.drafted = self.accepted = 0  # speculative decoding's totals
         self.cache = model.new_cache(max_active, self.context)  # [max_active rows, ..., context, ...]
         self.active: list[_Seq] = []  # active[i] lives in cache row i
         self.waiting: deque[_Seq] = deque()
@@ -161,38 +171,62 @@ class Engine:
         except Exception as e:  # noqa: BLE001 - the request fails, the engine goes on
             self._finish(seq, "error", error=f"prefill failed: {e}")
             return
-        seq.pos = len(prompt)
+        seq.pos, seq.history = len(prompt), list(prompt)
         self.active.append(seq)
         if not self._emit(seq, logits):
             self._retire(row)
 
     def _decode(self) -> None:
-        tokens = torch.tensor([[s.token] for s in self.active])  # [n, 1]
+        drafts = [self._draft(s) for s in self.active]
+        width = 1 + max(map(len, drafts))  # rows with fewer drafts are padded; their extra outputs are unused
+        tokens = torch.tensor([[s.token] + d + [s.token] * (width - 1 - len(d))
+                               for s, d in zip(self.active, drafts)])  # [n, width]
         positions = [s.pos for s in self.active]
         # rows at one position take the plain path (no mask): a lone sequence runs exactly as generate() does
         pos = positions[0] if len(set(positions)) == 1 else torch.tensor(positions)  # int or [n]
         try:
-            logits = self.model(tokens, self.cache, pos)[:, -1]  # [n, V]
+            logits = self.model(tokens, self.cache, pos)  # [n, width, V]
         except Exception as e:  # noqa: BLE001
             for seq in self.active:
                 self._finish(seq, "error", error=f"decode failed: {e}")
             self.active.clear()
             return
-        for s in self.active:
-            s.pos += 1
-        live = [self._emit(s, logits[i]) for i, s in enumerate(self.active)]
+        live = [self._advance(s, logits[i], d) for i, (s, d) in enumerate(zip(self.active, drafts))]
         for row in reversed(range(len(live))):
             if not live[row]:
                 self._retire(row)
 
+    def _draft(self, seq: _Seq) -> list[int]:
+        k = min(self.draft_tokens, seq.limit - seq.new - 1, self.context - seq.pos - 1)
+        if self.drafter is None or k <= 0:
+            return []
+        return self.drafter.propose(seq.history, k, seq.request.gen, seq.generator)[0][:k]
+
+    def _advance(self, seq: _Seq, logits: torch.Tensor, drafts: list[int]) -> bool:
+        """After a forward over [token, drafts...] (logits [width, V]): emit the kept drafts and the next token;
+        False once the sequence has finished."""
+        seq.pos += 1
+        if not drafts:
+            return self._emit(seq, logits[0])
+        kept, nxt = verify(logits[:len(drafts) + 1], drafts, None, seq.request.gen, seq.generator)
+        self.drafted, self.accepted = self.drafted + len(drafts), self.accepted + kept
+        for j, token in enumerate(drafts[:kept] + [nxt]):
+            if not self._accept(seq, token, logits[j]):
+                return False
+            seq.pos += j < kept  # every kept draft is in the cache now; the next token is fed next step
+        return True
+
     def _emit(self, seq: _Seq, logits: torch.Tensor) -> bool:
-        """Sample the sequence's next token and send its text; False once the sequence has finished."""
-        token = sample(logits, seq.request.gen, seq.generator)
+        """Sample the sequence's next token from logits [V] and send it; False once the sequence has finished."""
+        return self._accept(seq, sample(logits, seq.request.gen, seq.generator), logits)
+
+    def _accept(self, seq: _Seq, token: int, logits: torch.Tensor) -> bool:
         now = time.perf_counter()
         seq.first = seq.first or now
         if token in seq.request.gen.stop_ids:
             return self._finish(seq, "stop")
         seq.token, seq.new, seq.last = token, seq.new + 1, now
+        seq.history.append(token)
         logprob = float(torch.log_softmax(logits.float(), -1)[token])
         seq.sink(Event(text=seq.stop.push(seq.stream.push(token)), token=token, logprob=logprob))
         if seq.stop.stopped:

@@ -4,7 +4,7 @@ Drafters: `DraftModel` (a smaller, pruned or low-bit model with the target's voc
 cache) and `PromptLookup` (the tokens that followed the latest earlier occurrence of the sequence's last n-gram:
 "prompt lookup decoding", free on input-grounded tasks such as rewriting or summarising a given text).
 
-`verify` is the acceptance rule, a pure function. Greedy: a drafted token is kept while it is the target's
+`generate.verify` is the acceptance rule, a pure function. Greedy: a drafted token is kept while it is the target's
 argmax, and the first mismatch is replaced by that argmax, so the output is the target's own greedy output.
 Sampling: the rule of Leviathan et al. / Chen et al. (2023) — keep draft d with probability min(1, p(d) / q(d)),
 else draw from max(0, p - q) renormalised, and after k kept drafts draw one more from p — which leaves every
@@ -20,7 +20,7 @@ from typing import Iterator
 import torch
 
 from ..errors import require
-from ..generate import GenerationConfig, Timings, distribution, sample
+from ..generate import GenerationConfig, Timings, distribution, sample, verify
 
 
 @dataclass
@@ -60,6 +60,8 @@ class Cached:
 class PromptLookup:
     """Draft the continuation of the latest earlier occurrence of the last n-gram (n = max_ngram .. 1) that is
     followed by k tokens (else the longest continuation found)."""
+
+    stateless = True  # drafts from the tokens alone: one drafter serves every row of a batch
 
     def __init__(self, max_ngram: int = 3):
         require(1 <= max_ngram <= 64, f"prompt lookup n-gram size must be between 1 and 64, got {max_ngram}")
@@ -120,32 +122,6 @@ def make_drafter(target, draft: str | None = None, lookup: int = 0, dtype=None, 
                                    target.model.cfg.vocab_size, "the target")
     require(differ is None, f"draft {lm.source} {differ}: a draft must share the target's vocabulary")
     return DraftModel(lm.model.eval(), max_len or target.model.cfg.max_seq_len)
-
-
-def verify(logits: torch.Tensor, drafts: list[int], q: torch.Tensor | None, cfg: GenerationConfig,
-           generator: torch.Generator | None) -> tuple[int, int]:
-    """The target's logits [n+1, V] at the positions before each of the n drafts and after the last; the
-    drafter's probabilities q [n, V] (None: each draft was certain). Returns (drafts kept, the next token)."""
-    if cfg.temperature == 0:
-        best = logits.argmax(-1).tolist()
-        for i, d in enumerate(drafts):
-            if best[i] != d:
-                return i, best[i]
-        return len(drafts), best[len(drafts)]
-    p = distribution(logits, cfg)  # [n+1, V]
-    for i, d in enumerate(drafts):
-        q_d = 1.0 if q is None else float(q[i, d])
-        if float(torch.rand((), generator=generator)) * q_d < float(p[i, d]):  # u < p / q without dividing
-            continue
-        residual = p[i].clone()
-        if q is None:
-            residual[d] = 0.0
-        else:
-            residual = (p[i] - q[i]).clamp_min(0.0)
-        if float(residual.sum()) <= 0.0:  # p == q: nothing to correct towards (the draft was rejected by u)
-            residual = p[i]
-        return i, int(torch.multinomial(residual / residual.sum(), 1, generator=generator))
-    return len(drafts), int(torch.multinomial(p[len(drafts)], 1, generator=generator))
 
 
 @torch.inference_mode()
