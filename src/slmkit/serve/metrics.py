@@ -22,6 +22,10 @@ class Metrics:
                               registry=r)
         Gauge("slm_queue_depth", "requests waiting for a row", registry=r).set_function(lambda: engine.queue_depth)
         Gauge("slm_active_sequences", "sequences decoding now", registry=r).set_function(lambda: engine.n_active)
+        Gauge("slm_spec_drafted_tokens", "tokens drafted by prompt lookup so far", registry=r).set_function(
+            lambda: engine.drafted)
+        Gauge("slm_spec_accepted_tokens", "drafted tokens the model kept so far", registry=r).set_function(
+            lambda: engine.accepted)
         Gauge("slm_max_active_sequences", "rows of the batch", registry=r).set(engine.max_active)
 
     def finished(self, event) -> None:
