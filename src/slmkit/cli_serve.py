@@ -24,6 +24,8 @@ def serve_parser(sub) -> None:
                    "the model's context)")
     s.add_argument("--max-tokens", type=int, default=1024, help="cap (and default) of a request's max_tokens")
     s.add_argument("--dtype", choices=DTYPES, default="bfloat16", help="weight dtype in memory (default bfloat16)")
+    s.add_argument("--backend", choices=["torch", "llamacpp"], default="torch", help="torch: slmkit's runtime "
+                   "(default); llamacpp: the GGUF file run by llama.cpp, its sequences batched in one context")
     s.add_argument("--prompt-lookup", type=int, default=0, metavar="N", help="speculative decoding in the batch: "
                    "each row drafts what followed the last n-gram (n <= N) in its text so far")
     s.add_argument("--draft-tokens", type=int, default=4, metavar="K", help="--prompt-lookup: tokens drafted per "
@@ -58,13 +60,20 @@ def cmd_serve(args) -> None:
     require(0 < args.cascade_timeout <= 3600, f"--cascade-timeout must be in (0, 3600], got {args.cascade_timeout}")
     set_threads(args)
     t0 = time.perf_counter()
-    lm = load(args.model, DTYPES[args.dtype])
+    if args.backend == "llamacpp":
+        from .backends.llamacpp_batch import load_batch
+
+        lm = load_batch(args.model, args.parallel, args.ctx, args.threads)
+    else:
+        lm = load(args.model, DTYPES[args.dtype])
+        lm.model.eval()
     drafter = PromptLookup(args.prompt_lookup) if args.prompt_lookup else None
-    engine = Engine(lm.model.eval(), lm.tokenizer, args.parallel, args.queue, args.ctx, drafter, args.draft_tokens)
+    engine = Engine(lm.model, lm.tokenizer, args.parallel, args.queue, args.ctx, drafter, args.draft_tokens)
     name = args.name or lm.source.rsplit("/", 1)[-1].removesuffix(".gguf")
     app = create_app(engine, ServeConfig(name, args.api_key, args.max_tokens, cascade=_cascade(args, lm)))
     print(f"[loaded {lm.source} in {time.perf_counter() - t0:.1f} s; serving {name!r} on http://{args.host}:"
-          f"{args.port}/v1 ({args.parallel} sequences at once, {args.queue} queued, context {engine.context})]",
+          f"{args.port}/v1 ({args.backend}: {args.parallel} sequences at once, {args.queue} queued, context "
+          f"{engine.context})]",
           file=sys.stderr)
     run(app, args.host, args.port, limit_concurrency=4 * (args.parallel + args.queue) + 1024)
 
