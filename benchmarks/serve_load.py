@@ -1,6 +1,8 @@
 """Concurrent streaming clients against `slm serve` and llama-cpp-python's OpenAI server, side by side.
 
-Both serve the default model's GGUF (SmolLM2-135M-Instruct Q4_1) on loopback with 2 threads. For each number
+All serve the default model's GGUF (SmolLM2-135M-Instruct Q4_1) on loopback with 2 threads: `slm` (slmkit's
+runtime, bf16 weights), `slm-llamacpp` (slm serve --backend llamacpp: the same batching engine over one
+llama.cpp context of several sequences) and `llama-cpp-python` (its own server). For each number
 of concurrent clients (1, 4, 8, 16 by default), each client sends --requests streaming /v1/completions
 requests one after another (fixed prompts, max_tokens --tokens, temperature 0); the servers take turns per
 level, the order alternating by round. Definitions as vLLM's benchmark_serving: TTFT = request sent to the
@@ -10,7 +12,7 @@ on both servers). llama-cpp-python runs with --interrupt_requests False: by defa
 answer off when the next request arrives, which would make its numbers meaningless here.
 
     python benchmarks/serve_load.py [--clients 1,4,8,16] [--requests 2] [--tokens 64] [--rounds 1]
-                                    [--servers slm,llama-cpp-python] [--json out.json]
+                                    [--servers slm,slm-llamacpp,llama-cpp-python] [--json out.json]
 """
 
 from __future__ import annotations
@@ -49,9 +51,10 @@ def gguf_path() -> str:
 
 def start(server: str, port: int, threads: int, parallel: int) -> subprocess.Popen:
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    if server == "slm":
+    if server in ("slm", "slm-llamacpp"):
         cmd = [sys.executable, "-m", "slmkit", "serve", gguf_path(), "--port", str(port), "--threads", str(threads),
-               "--parallel", str(parallel), "--queue", "256", "--ctx", "1024", "--name", "model"]
+               "--parallel", str(parallel), "--queue", "256", "--ctx", "1024", "--name", "model",
+               "--backend", "llamacpp" if server == "slm-llamacpp" else "torch"]
     else:
         cmd = [sys.executable, "-m", "llama_cpp.server", "--model", gguf_path(), "--port", str(port),
                "--n_threads", str(threads), "--n_ctx", "1024", "--interrupt_requests", "False",
@@ -116,7 +119,7 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=64, help="max_tokens of each request")
     ap.add_argument("--rounds", type=int, default=1)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--servers", default="slm,llama-cpp-python")
+    ap.add_argument("--servers", default="slm,slm-llamacpp,llama-cpp-python")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     levels = [int(c) for c in args.clients.split(",")]
