@@ -100,10 +100,13 @@ class Collect:
             self.done = ev
 
 
-@pytest.mark.parametrize("window,kv_bits,lookup", [(None, 0, 0), (6, 0, 0), (None, 8, 0), (None, 0, 3), (6, 0, 2)])
+@pytest.mark.parametrize("window,kv_bits,lookup", [(None, 0, 0), (6, 0, 0), (None, 8, 0), (None, 0, 3), (6, 0, 2),
+                                                   (None, 0, "draft"), (6, 0, "itself")])
 def test_continuous_batching_equals_generate_alone(tok, window, kv_bits, lookup):
     """Requests of different lengths arriving at different steps; each one's greedy output equals generate()
-    (with lookup: every row's prompt-lookup drafts verified in the batch's one forward)."""
+    (with a drafter: every row's drafts — prompt lookup, another model, the model itself — verified in the
+    batch's one forward)."""
+    from slmkit.batching import BatchDraftModel
     from slmkit.collab import PromptLookup
 
     model = tiny_model(window)
@@ -113,8 +116,9 @@ def test_continuous_batching_equals_generate_alone(tok, window, kv_bits, lookup)
         (0, [5, 9, 13], 20), (0, list(range(3, 40)), 7), (3, [7] * 5, 30), (4, list(range(50, 61)), 12),
         (9, [11, 12], 16), (9, [100, 101, 102, 103], 5)]
     want = [list(generate(model, p, GenerationConfig(max_new_tokens=n))) for _, p, n in plan]
-    engine = Engine(model, tok, max_active=3, max_queue=8, context=96,
-                    drafter=PromptLookup(lookup) if lookup else None, draft_tokens=4)
+    drafter = (None if lookup == 0 else BatchDraftModel(tiny_model(window, seed=5), 3, 96) if lookup == "draft"
+               else BatchDraftModel(model, 3, 96) if lookup == "itself" else PromptLookup(lookup))
+    engine = Engine(model, tok, max_active=3, max_queue=8, context=96, drafter=drafter, draft_tokens=4)
     got = [Collect() for _ in plan]
     step = 0
     while step < 200 and not all(c.done for c in got):
@@ -129,6 +133,8 @@ def test_continuous_batching_equals_generate_alone(tok, window, kv_bits, lookup)
         assert (c.done.finish_reason, c.done.completion_tokens, c.done.prompt_tokens) == ("length", n, len(p))
     if lookup:
         assert engine.accepted > 0  # drafts were kept (and the output is still each request's own)
+    if lookup == "itself":
+        assert engine.accepted == engine.drafted  # a draft equal to the target is always right
 
 
 def test_seeded_sampling_equals_generate_alone(tok):
@@ -285,6 +291,8 @@ def test_a_client_that_leaves_frees_its_row(server):
     (["serve", "--port", "0"], "--port must be between 1 and 65535"),
     (["serve", "--parallel", "0"], "--parallel must be between 1 and 256"),
     (["serve", "--ctx", "1"], "--ctx must be between 2"),
+    (["serve", "--draft", "x", "--prompt-lookup", "2"], "not both"),
+    (["serve", "--prompt-lookup", "65"], "--prompt-lookup must be between 0 and 64"),
 ])
 def test_cli_refuses_bad_numbers(argv, message, capsys):
     assert main(argv) == 2

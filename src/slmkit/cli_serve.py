@@ -26,10 +26,11 @@ def serve_parser(sub) -> None:
     s.add_argument("--dtype", choices=DTYPES, default="bfloat16", help="weight dtype in memory (default bfloat16)")
     s.add_argument("--backend", choices=["torch", "llamacpp"], default="torch", help="torch: slmkit's runtime "
                    "(default); llamacpp: the GGUF file run by llama.cpp, its sequences batched in one context")
+    s.add_argument("--draft", default=None, metavar="MODEL", help="speculative decoding in the batch with this "
+                   "draft model (same vocabulary; slmkit's runtime, a cache row per batch row)")
     s.add_argument("--prompt-lookup", type=int, default=0, metavar="N", help="speculative decoding in the batch: "
                    "each row drafts what followed the last n-gram (n <= N) in its text so far")
-    s.add_argument("--draft-tokens", type=int, default=4, metavar="K", help="--prompt-lookup: tokens drafted per "
-                   "step (default 4)")
+    s.add_argument("--draft-tokens", type=int, default=4, metavar="K", help="tokens drafted per step (default 4)")
     s.add_argument("--cascade", default=None, metavar="LARGE", help="answer unconfident requests with this model: "
                    "a local model or an OpenAI-compatible server's URL (http://...)")
     s.add_argument("--threshold", type=float, default=None, help="--cascade: escalate when the answer's confidence "
@@ -42,7 +43,8 @@ def serve_parser(sub) -> None:
 
 
 def cmd_serve(args) -> None:
-    from .collab import PromptLookup
+    from .batching import BatchDraftModel
+    from .collab import PromptLookup, load_draft
     from .loader import DTYPES, load
     from .serve import Engine, ServeConfig, create_app, run
 
@@ -51,6 +53,7 @@ def cmd_serve(args) -> None:
     require(0 <= args.queue <= 100_000, f"--queue must be between 0 and 100000, got {args.queue}")
     require(2 <= args.ctx <= 1_048_576, f"--ctx must be between 2 and 1048576, got {args.ctx}")
     require(1 <= args.max_tokens <= 1_048_576, f"--max-tokens must be between 1 and 1048576, got {args.max_tokens}")
+    require(not (args.draft and args.prompt_lookup), "give --draft or --prompt-lookup, not both")
     require(0 <= args.prompt_lookup <= 64, f"--prompt-lookup must be between 0 and 64, got {args.prompt_lookup}")
     require(1 <= args.draft_tokens <= 64, f"--draft-tokens must be between 1 and 64, got {args.draft_tokens}")
     require((args.cascade is None) == (args.threshold is None), "--cascade and --threshold go together")
@@ -68,6 +71,8 @@ def cmd_serve(args) -> None:
         lm = load(args.model, DTYPES[args.dtype])
         lm.model.eval()
     drafter = PromptLookup(args.prompt_lookup) if args.prompt_lookup else None
+    if args.draft:
+        drafter = BatchDraftModel(load_draft(lm, args.draft, DTYPES[args.dtype]).model, args.parallel, args.ctx)
     engine = Engine(lm.model, lm.tokenizer, args.parallel, args.queue, args.ctx, drafter, args.draft_tokens)
     name = args.name or lm.source.rsplit("/", 1)[-1].removesuffix(".gguf")
     app = create_app(engine, ServeConfig(name, args.api_key, args.max_tokens, cascade=_cascade(args, lm)))

@@ -93,8 +93,8 @@ class Engine:
         self.context = min(context or model.cfg.max_seq_len, model.cfg.max_seq_len - model.n_virtual)
         require(self.context >= 2, f"context must be >= 2 tokens, got {self.context}")
         self.max_active, self.max_queue = max_active, max_queue
-        require(drafter is None or getattr(drafter, "stateless", False), "the batch engine drafts by prompt lookup "
-                "only (a draft model keeps a cache per sequence)")
+        require(drafter is None or getattr(drafter, "stateless", False) or getattr(drafter, "batched", False),
+                "the batch engine drafts with prompt lookup or a BatchDraftModel (one draft cache row per row)")
         require(1 <= draft_tokens <= 64, f"draft_tokens must be between 1 and 64, got {draft_tokens}")
         self.drafter, self.draft_tokens = drafter, draft_tokens
         self.drafted = self.accepted = 0  # speculative decoding's totals
@@ -177,7 +177,7 @@ class Engine:
             self._retire(row)
 
     def _decode(self) -> None:
-        drafts = [self._draft(s) for s in self.active]
+        drafts, qs = self._drafts()
         width = 1 + max(map(len, drafts))  # rows with fewer drafts are padded; their extra outputs are unused
         tokens = torch.tensor([[s.token] + d + [s.token] * (width - 1 - len(d))
                                for s, d in zip(self.active, drafts)])  # [n, width]
@@ -191,24 +191,31 @@ class Engine:
                 self._finish(seq, "error", error=f"decode failed: {e}")
             self.active.clear()
             return
-        live = [self._advance(s, logits[i], d) for i, (s, d) in enumerate(zip(self.active, drafts))]
+        live = [self._advance(s, logits[i], d, q) for i, (s, d, q) in enumerate(zip(self.active, drafts, qs))]
         for row in reversed(range(len(live))):
             if not live[row]:
                 self._retire(row)
 
-    def _draft(self, seq: _Seq) -> list[int]:
-        k = min(self.draft_tokens, seq.limit - seq.new - 1, self.context - seq.pos - 1)
-        if self.drafter is None or k <= 0:
-            return []
-        return self.drafter.propose(seq.history, k, seq.request.gen, seq.generator)[0][:k]
+    def _drafts(self) -> tuple[list[list[int]], list]:
+        """Each live row's drafts and their probabilities (None: certain, or no drafter)."""
+        ks = [min(self.draft_tokens, s.limit - s.new - 1, self.context - s.pos - 1) for s in self.active]
+        n = len(self.active)
+        if self.drafter is None or max(ks) <= 0:
+            return [[] for _ in range(n)], [None] * n
+        if getattr(self.drafter, "batched", False):
+            proposals = self.drafter.propose_batch(self.active, [max(k, 0) for k in ks])
+        else:
+            proposals = [self.drafter.propose(s.history, k, s.request.gen, s.generator) if k > 0 else ([], None)
+                         for s, k in zip(self.active, ks)]
+        return [d[:max(k, 0)] for (d, _), k in zip(proposals, ks)], [q for _, q in proposals]
 
-    def _advance(self, seq: _Seq, logits: torch.Tensor, drafts: list[int]) -> bool:
+    def _advance(self, seq: _Seq, logits: torch.Tensor, drafts: list[int], q: torch.Tensor | None = None) -> bool:
         """After a forward over [token, drafts...] (logits [width, V]): emit the kept drafts and the next token;
         False once the sequence has finished."""
         seq.pos += 1
         if not drafts:
             return self._emit(seq, logits[0])
-        kept, nxt = verify(logits[:len(drafts) + 1], drafts, None, seq.request.gen, seq.generator)
+        kept, nxt = verify(logits[:len(drafts) + 1], drafts, q, seq.request.gen, seq.generator)
         self.drafted, self.accepted = self.drafted + len(drafts), self.accepted + kept
         for j, token in enumerate(drafts[:kept] + [nxt]):
             if not self._accept(seq, token, logits[j]):
@@ -248,6 +255,8 @@ class Engine:
         last = len(self.active) - 1
         if row != last:
             self.cache.move_row(last, row)
+            if getattr(self.drafter, "batched", False):
+                self.drafter.move_row(last, row)
             self.active[row] = self.active[last]
         self.active.pop()
 

@@ -107,21 +107,27 @@ class DraftModel:
 
 
 def make_drafter(target, draft: str | None = None, lookup: int = 0, dtype=None, max_len: int | None = None):
-    """The drafter `slm generate` / `slm serve` ask for: a draft model loaded from `draft` (its vocabulary
-    checked against the target's), or prompt lookup over n-grams up to `lookup`; None when neither is asked."""
-    from ..loader import load
-    from ..tokenizer import vocabulary_difference
-
+    """The drafter `slm generate` asks for: a draft model loaded from `draft` (its vocabulary checked against
+    the target's), or prompt lookup over n-grams up to `lookup`; None when neither is asked."""
     require(not (draft and lookup), "give --draft or --prompt-lookup, not both")
     if lookup:
         return PromptLookup(lookup)
     if not draft:
         return None
+    return DraftModel(load_draft(target, draft, dtype).model, max_len or target.model.cfg.max_seq_len)
+
+
+def load_draft(target, draft: str, dtype=None):
+    """The draft model `draft` (LoadedModel), refused unless it shares the target's vocabulary."""
+    from ..loader import load
+    from ..tokenizer import vocabulary_difference
+
     lm = load(draft, dtype or torch.float32)
     differ = vocabulary_difference(lm.tokenizer, lm.model.cfg.vocab_size, target.tokenizer,
                                    target.model.cfg.vocab_size, "the target")
     require(differ is None, f"draft {lm.source} {differ}: a draft must share the target's vocabulary")
-    return DraftModel(lm.model.eval(), max_len or target.model.cfg.max_seq_len)
+    lm.model.eval()
+    return lm
 
 
 @torch.inference_mode()
