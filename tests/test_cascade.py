@@ -149,3 +149,19 @@ def test_cli_refusals(argv, message, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1
+
+
+def test_cli_calibrate_end_to_end(tmp_path, tok, capsys):
+    from slmkit.checkpoint import save_checkpoint
+
+    save_checkpoint(tiny_model(seed=0), tok, tmp_path / "small")
+    save_checkpoint(tiny_model(seed=1), tok, tmp_path / "large")
+    mc = tmp_path / "mc.jsonl"
+    mc.write_text("".join(json.dumps({"context": f"w{5 + i}", "choices": ["w10", "w12 w13"], "answer": i % 2}) + "\n"
+                          for i in range(10)))
+    out = tmp_path / "out"
+    assert main(["cascade", "calibrate", str(tmp_path / "small"), str(tmp_path / "large"), "--task", str(mc),
+                 "--escalate", "0.4", "--dtype", "float32", "-o", str(out)]) == 0
+    report = json.loads((out / "cascade.json").read_text())
+    assert report["examples"] == 10 and report["escalated"] <= 0.4
+    assert "threshold" in capsys.readouterr().out
