@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 
@@ -73,6 +74,11 @@ def build_parser() -> argparse.ArgumentParser:
     synth_parser(sub)
     serve_parser(sub)
     cascade_parser(sub)
+    t = sub.add_parser("techniques", help="the taxonomy: each technique, its stage, the constraints it serves, "
+                       "the metric that shows it, the verb")
+    t.add_argument("--constraint", default=None, help="only those serving this constraint (memory, storage, "
+                   "latency, energy, 'training compute', privacy)")
+    t.add_argument("--json", action="store_true", help="print one JSON list")
     _recipe_parser(sub)
     return parser
 
@@ -407,6 +413,16 @@ def cmd_export(args) -> None:
     print(export_model(loaded.model, loaded.tokenizer, args.out, args.format, args.type, args.force))
 
 
+def cmd_techniques(args) -> None:
+    from .plan.techniques import CONSTRAINTS, as_rows, format_table, techniques
+
+    require(args.constraint is None or args.constraint in CONSTRAINTS,
+            f"--constraint must be one of {', '.join(CONSTRAINTS)}, got {args.constraint!r}")
+    rows = techniques(args.constraint)
+    names = {t.name for t in rows}
+    print(json.dumps([r for r in as_rows() if r["name"] in names], indent=1) if args.json else format_table(rows))
+
+
 def cmd_report(args) -> None:
     from .eval.report import build_report
 
@@ -417,7 +433,7 @@ def cmd_report(args) -> None:
 COMMANDS = {"info": cmd_info, "generate": cmd_generate, "chat": cmd_chat, "eval": cmd_eval, "bench": cmd_bench,
             "report": cmd_report, "quantize": cmd_quantize, "prune": cmd_prune,
             "export": cmd_export, "train": cmd_train, "merge": cmd_merge, "synth": cmd_synth,
-            "serve": cmd_serve, "cascade": cmd_cascade, "compress": cmd_compress}
+            "serve": cmd_serve, "cascade": cmd_cascade, "techniques": cmd_techniques, "compress": cmd_compress}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -430,6 +446,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("\nslm: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader left (slm techniques | head): not an error of ours
+        sys.stdout = open(os.devnull, "w")
+        return 0
     return 0
 
 
