@@ -318,3 +318,41 @@ def test_requests_past_the_in_flight_bound_get_503_at_once(tok):
         engine.stop()  # the waiting requests end (503: shutting down)
         for t in waiting:
             t.join(timeout=10)
+
+
+def _mutations(seed: int, n: int):
+    """Request bodies a broken or hostile client sends: valid ones with a field removed, retyped, blown up,
+    nested or duplicated, plus raw junk."""
+    import random
+
+    rng = random.Random(seed)
+    base = [{"model": "tiny", "prompt": "w5 w6", "max_tokens": 3, "temperature": 0},
+            {"model": "tiny", "messages": [{"role": "user", "content": "w5"}], "max_tokens": 3, "stream": True}]
+    junk = [None, True, -1, 0, 1e308, -1e308, 2**70, "", "x" * 5000, [], {}, [[[]]], {"a": {"b": []}}, "NaN"]
+    for _ in range(n):
+        body = json.loads(json.dumps(rng.choice(base)))
+        for _ in range(rng.randint(1, 3)):
+            key = rng.choice(list(body) + ["top_p", "stop", "seed", "n", "stream_options", "max_completion_tokens"])
+            action = rng.random()
+            if action < 0.25:
+                body.pop(key, None)
+            elif action < 0.8:
+                body[key] = rng.choice(junk)
+            else:
+                body[key] = [body.get(key)] * rng.randint(0, 6)
+        yield json.dumps(body) if rng.random() < 0.9 else json.dumps(body)[:rng.randint(0, 40)]
+
+
+def test_no_request_body_gets_a_500(server):
+    """300 mutated bodies on both endpoints: each answered 200 (it was still valid) or 400 with the error
+    body — never a 500, never a hang."""
+    seen = set()
+    with httpx.Client(timeout=30, headers={"Authorization": "Bearer sekrit", "Content-Type": "application/json"}) as c:
+        for i, raw in enumerate(_mutations(0, 300)):
+            path = "/v1/chat/completions" if '"messages"' in raw else "/v1/completions"
+            r = c.post(server.url + path, content=raw)
+            seen.add(r.status_code)
+            assert r.status_code in (200, 400), (raw[:200], r.status_code, r.text[:200])
+            if r.status_code == 400:
+                assert r.json()["error"]["message"]
+    assert seen == {200, 400}
