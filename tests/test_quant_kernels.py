@@ -114,12 +114,13 @@ def test_steps_aside_where_it_does_not_apply():
 @torch.no_grad()
 def test_small_matmul_still_matches_torch(dtype, threads):
     w = torch.randn(37, IN).to(dtype)
-    for rows in (1, kernels.MAX_ROWS):
+    most = kernels.MAX_ROWS_BF16 if dtype == torch.bfloat16 else kernels.MAX_ROWS
+    for rows in (1, 5, kernels.MAX_ROWS, most):
         x = inputs(rows)[None]
         y = kernels.small_matmul(x, w)
         assert y.shape == (1, rows, 37)
         torch.testing.assert_close(y, F.linear(x, w.float()), rtol=1e-4, atol=1e-4)
-    assert kernels.small_matmul(inputs(kernels.MAX_ROWS + 1), w) is None
+    assert kernels.small_matmul(inputs(most + 1), w) is None
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -129,3 +129,34 @@ def test_the_shipped_recipes_read(tmp_path):
         assert recipe.steps and recipe.export is not None, path
         distill = next(s for s in recipe.steps if isinstance(s, TrainStep))
         assert distill.train.objective.teachers == (None,)  # 'input' of the default model
+
+
+def test_a_failed_run_keeps_its_steps_and_resumes(tmp_path, base, capsys):
+    """Prune to an MLP 100 wide, then distill, then GPTQ g32: GPTQ refuses (32 does not divide 100) in one line
+    — after the distillation, which is kept; the fixed recipe resumes after it and gives the weights an
+    uninterrupted run gives."""
+    steps = [{"method": "prune_structured", "axis": "mlp", "ffn_dim": 100, "calib": CALIB},
+             {"method": "distill", "data": "tinyshakespeare", "teachers": ["input"], "topk": 8, "train": TRAIN},
+             {"method": "gptq", "scheme": {"bits": 4, "group_size": 32}, "calib": CALIB}]
+    recipe, out = write(tmp_path / "r.json", {"steps": steps}), tmp_path / "small"
+    assert main(["compress", str(recipe), str(base), "-o", str(out), "--threads", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "group size 32 does not divide blocks.0.mlp.down_proj's 100 input columns" in err
+    assert "--resume" in err and not out.exists()
+    assert (Path(f"{out}.steps") / "state.json").is_file()
+    # without --resume the kept steps are not silently thrown away
+    assert main(["compress", str(recipe), str(base), "-o", str(out), "--threads", "1"]) == 2
+    assert "pass --resume" in capsys.readouterr().err
+    # another recipe cannot resume from them
+    other = write(tmp_path / "o.json", {"steps": [{**steps[0], "ffn_dim": 64}, *steps[1:]]})
+    assert main(["compress", str(other), str(base), "-o", str(out), "--resume", "--threads", "1"]) == 2
+    assert "made by another recipe" in capsys.readouterr().err
+    fixed = [*steps[:2], {"method": "gptq", "scheme": {"bits": 4, "group_size": 4}, "calib": CALIB}]
+    write(recipe, {"steps": fixed})
+    assert main(["compress", str(recipe), str(base), "-o", str(out), "--resume", "--threads", "1"]) == 0
+    assert "resuming after step 2/3" in capsys.readouterr().err
+    assert not Path(f"{out}.steps").exists()
+    whole = tmp_path / "whole"
+    assert main(["compress", str(recipe), str(base), "-o", str(whole), "--threads", "1"]) == 0
+    a, b = load(str(out)).model.state_dict(), load(str(whole)).model.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(v, b[k]) for k, v in a.items())

@@ -93,6 +93,8 @@ def _recipe_parser(sub) -> None:
     r.add_argument("--measure", action="store_true", help="measure size, WikiText-2 PPL, KL against the input "
                    "and decode tok/s after every step (OUT/recipe.md, OUT/recipe.json)")
     r.add_argument("--force", action="store_true", help="replace OUT (and the export) if they exist")
+    r.add_argument("--resume", action="store_true", help="continue a failed or interrupted run after the last step "
+                   "it finished (kept in OUT.steps/)")
     r.add_argument("--threads", type=int, default=None)
 
 
@@ -102,7 +104,7 @@ def cmd_compress(args) -> None:
 
     recipe = read_recipe(args.recipe, args.model)  # every step and its order checked before any work
     _set_threads(args)
-    result = run_recipe(recipe, args.out, args.force, Measure() if args.measure else None)
+    result = run_recipe(recipe, args.out, args.force, Measure() if args.measure else None, resume=args.resume)
     if result["rows"]:
         from .recipe.run import markdown
 
@@ -184,6 +186,8 @@ def _prune_parser(sub) -> None:
                    "e.g. 90M, 1.2B")
     p.add_argument("--importance", choices=["activation", "magnitude"], default=None, help="structured: rank units "
                    "by calibration activations (default) or by weight magnitude (no data)")
+    p.add_argument("--mlp-multiple", type=int, default=8, help="structured: MLP widths are multiples of this "
+                   "(default 8; 32 keeps the result quantizable in groups of 32 and as GGUF blocks)")
     _calib_args(p)
 
 
@@ -402,7 +406,8 @@ def _prune_structured(args) -> None:
     require(not given, f"--structured does not take {', '.join(given)} (unstructured / N:M options)")
     _set_threads(args)
     step = make_step("prune_structured", axis=args.structured, ratio=args.ratio, target_params=args.target_params,
-                     importance=args.importance, calib=CalibConfig(args.calib, args.calib_samples, args.calib_length))
+                     importance=args.importance, mlp_multiple=args.mlp_multiple,
+                     calib=CalibConfig(args.calib, args.calib_samples, args.calib_length))
     print(compress(args.model, [step.validate()], args.out, args.force))
 
 

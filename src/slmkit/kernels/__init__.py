@@ -25,6 +25,8 @@ from ..files import cache_dir
 
 SOURCE = Path(__file__).with_name("gemv.c")
 MAX_ROWS = 8  # up to this many input rows (batch x new tokens) the kernel beats torch's GEMM
+MAX_ROWS_BF16 = 64  # bf16 weights: torch converts the whole matrix to float32 first, so ours wins up to ~64 rows
+#                     (measured here: 2 threads, 8 to 128 rows on the default model's shapes; even at 128)
 # Below this many weights one thread is faster than waking a team: an OpenMP region costs microseconds when
 # idle and milliseconds when another process holds the cores (measured while a benchmark ran beside the tests).
 MIN_PARALLEL_WEIGHTS = 1 << 17
@@ -70,12 +72,12 @@ def library() -> ctypes.CDLL | None:
     return lib
 
 
-def _rows(x: torch.Tensor, weight: torch.Tensor, width: int) -> int | None:
+def _rows(x: torch.Tensor, weight: torch.Tensor, width: int, max_rows: int = MAX_ROWS) -> int | None:
     """How many rows x [..., in] holds when a kernel may take x @ W.T (W [out, width] stored in `weight`): few
     rows, the right width (else torch raises its shape error), on the CPU, no autograd through the product;
     else None. Every check here runs once per linear per token: keep them cheap."""
     rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
-    if (rows > MAX_ROWS or x.shape[-1] != width or not (x.is_cpu and weight.is_cpu)
+    if (rows > max_rows or x.shape[-1] != width or not (x.is_cpu and weight.is_cpu)
             or torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)):
         return None
     return rows
@@ -97,7 +99,7 @@ def _launch(x: torch.Tensor, out: int, kernel) -> torch.Tensor:
 def small_matmul(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor | None:
     """x [..., in] @ weight[out, in].T with slmkit's kernel, or None when it does not apply (many rows,
     autograd, another device or dtype): the caller then uses torch."""
-    rows = _rows(x, weight, weight.shape[-1])
+    rows = _rows(x, weight, weight.shape[-1], MAX_ROWS_BF16 if weight.dtype == torch.bfloat16 else MAX_ROWS)
     lib = library() if rows is not None else None
     if (lib is None or weight.dim() != 2 or weight.dtype not in (torch.float32, torch.bfloat16)
             or not weight.is_contiguous()):

@@ -14,7 +14,7 @@ layer, by importance), so the config stays plain and exports need no padding. Ch
   of its best query heads (`keep_heads`), the KV cache is unchanged. With multi-head attention each head is
   its own group, so whole heads (q, k, v and o) go. A target that would leave a group without a query head
   is refused.
-* MLP widths are multiples of 8 (when the model's is at least 16); hidden widths multiples of the head count
+* MLP widths are multiples of 8 (`mlp_multiple`; when the model's is at least twice that); hidden widths multiples of the head count
   (so heads still divide the width and exports stay plain layouts).
 * `auto` cuts in a fixed order, each axis down to a floor before the next one starts: MLP channels first (down
   to half the width; Minitron finds MLP width the most forgiving), then whole blocks, least important first.
@@ -76,6 +76,8 @@ class StructuredPruneConfig:
     dim: int | None = None
     n_layers: int | None = None
     importance: str = "activation"  # activation (calibration pass) | magnitude (weights only)
+    mlp_multiple: int = MLP_STEP  # MLP widths are multiples of this (32: the down projection's input then fits
+    #                               group-32 quantization and GGUF's 32-wide blocks)
     calib: CalibConfig = field(default_factory=CalibConfig)
     method: ClassVar[str] = "prune_structured"
 
@@ -95,6 +97,8 @@ class StructuredPruneConfig:
         require(sum(given) == 1, "structured pruning needs exactly one target: a ratio, a parameter count or "
                 "explicit widths")
         require(self.ratio is None or 0 < self.ratio < 1, f"ratio must be in (0, 1), got {self.ratio}")
+        require(isinstance(self.mlp_multiple, int) and 1 <= self.mlp_multiple <= 4096,
+                f"mlp_multiple must be an integer in 1..4096, got {self.mlp_multiple!r}")
         if self.target_params is not None:
             self.target_params = parse_count(self.target_params)
         for name, value in self.explicit.items():
@@ -169,10 +173,10 @@ def head_unit(cfg) -> int:
     return 1 if cfg.kv_heads == cfg.n_heads else cfg.kv_heads
 
 
-def candidates(cfg, axis: str, w: Widths, floor: float = 0.0) -> list[Widths]:
+def candidates(cfg, axis: str, w: Widths, floor: float = 0.0, mlp_multiple: int = MLP_STEP) -> list[Widths]:
     """Every smaller width on `axis`, widest first, down to `floor` times the current one (at least one unit)."""
     current = getattr(w, AXIS_FIELD[axis])
-    unit = {"heads": head_unit(cfg), "mlp": MLP_STEP if current >= 2 * MLP_STEP else 1, "hidden": w.heads,
+    unit = {"heads": head_unit(cfg), "mlp": mlp_multiple if current >= 2 * mlp_multiple else 1, "hidden": w.heads,
             "layers": 1}[axis]
     lowest = max(unit, unit * math.ceil(current * floor / unit))
     top = (current - 1) // unit * unit  # the widest multiple of the unit below the current width
@@ -199,7 +203,7 @@ def plan(cfg, step: StructuredPruneConfig, target: int | None, order: list[int])
     axes = AUTO_FLOORS if step.axis == "auto" else ((step.axis, 0.0),)
     w = model_widths(cfg)
     for axis, floor in axes:
-        options = candidates(cfg, axis, w, floor)
+        options = candidates(cfg, axis, w, floor, step.mlp_multiple)
         best = widest_fitting(cfg, options, target, order)
         if best is not None:
             return best

@@ -21,7 +21,7 @@ from torch import nn
 from ..calib import CalibConfig, InputStats, capture, layerwise
 from ..modules import LayerFilter, LinearGroup, block_groups, set_module
 from .packed import quantized_linear
-from .rtn import Q8_TABLES, quantize_tables_
+from .rtn import Q8_TABLES, check_group_widths, quantize_tables_
 from .scheme import QScheme, dequantize_weight, quantize_weight
 
 LOSS_ROWS = 4096  # calibration rows each group's loss is measured on
@@ -39,6 +39,7 @@ class AWQConfig:
     needs_calibration: ClassVar[bool] = True
 
     def apply_(self, model: nn.Module, calib: torch.Tensor | None) -> None:
+        check_group_widths(model, self)
         keep = max(1, calib.numel() // LOSS_ROWS)
         for i, block, run in layerwise(model, calib, f"awq {self.scheme.describe()}"):
             groups = [g for g in block_groups(block) if any(self.layers(f"blocks.{i}.{n}") for n in g.names)]

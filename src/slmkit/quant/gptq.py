@@ -22,7 +22,7 @@ from ..errors import require
 from ..modules import LayerFilter, block_groups, set_module
 from ..obs import inverse_cholesky_upper, obs_sweep_, prepare_hessian
 from .packed import quantized_linear
-from .rtn import Q8_TABLES, quantize_tables_
+from .rtn import Q8_TABLES, check_group_widths, quantize_tables_
 from .scheme import (QScheme, dequantize, dequantize_weight, fp16_round, grouped, qparams, quantize,
                      search_qparams)
 
@@ -45,6 +45,7 @@ class GPTQConfig:
     needs_calibration: ClassVar[bool] = True
 
     def apply_(self, model: nn.Module, calib: torch.Tensor | None) -> None:
+        check_group_widths(model, self)
         require(0 <= self.damp < 1 and self.block_size >= 1, f"gptq: damp must be in [0, 1), got {self.damp}")
         require(self.refit >= 0, f"gptq: refit must be >= 0 rounds, got {self.refit}")
         for i, block, run in layerwise(model, calib, f"gptq {self.scheme.describe()}",

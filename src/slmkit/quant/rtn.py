@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from ..calib import CalibConfig, capture, layerwise
+from ..errors import require
 from ..modules import LayerFilter, block_groups, named_linears, set_module
 from .packed import quantized_embedding, quantized_linear
 from .scheme import QScheme, quantize_weight
@@ -36,6 +37,7 @@ class RTNConfig:
         return self.imatrix
 
     def apply_(self, model: nn.Module, calib: torch.Tensor | None) -> None:
+        check_group_widths(model, self)
         importance: dict[str, torch.Tensor] = {}
         if self.imatrix:
             for i, block, run in layerwise(model, calib, "rtn (imatrix)"):
@@ -43,6 +45,16 @@ class RTNConfig:
                 quantize_linears_(model, self, importance, under=f"blocks.{i}.")
         quantize_linears_(model, self, importance)
         quantize_tables_(model, self.embedding, self.search)
+
+
+def check_group_widths(model: nn.Module, cfg) -> None:
+    """Before any calibration: the scheme's group divides the input width of every linear the step quantizes
+    (a structurally pruned MLP, say, can be 880 wide); else one line naming the first layer that does not fit."""
+    g = cfg.scheme.group_size
+    for name, linear in named_linears(model, cfg.layers):
+        require(not g or linear.in_features % g == 0,
+                f"{cfg.method}: group size {g} does not divide {name}'s {linear.in_features} input columns (prune "
+                f"with --mlp-multiple {g}, or quantize with a group size that divides every layer)")
 
 
 def block_importance(block: nn.Module, run, prefix: str) -> dict[str, torch.Tensor]:

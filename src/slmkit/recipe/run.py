@@ -1,7 +1,8 @@
 """Running a recipe: load the model, apply each step through the pipeline (recorded in the model's history),
-save the checkpoint atomically, export if the recipe says so; with `measure`, the model after every step is
-saved under OUT.steps/ and measured (file size, WikiText-2 perplexity, KL against the recipe's input model,
-decode speed), and the table is written as OUT/recipe.json and OUT/recipe.md."""
+save the checkpoint atomically, export if the recipe says so. The model after every step is saved under
+OUT.steps/ (a failed or interrupted run resumes from there); with `measure` it is also measured (file size,
+WikiText-2 perplexity, KL against the recipe's input model, decode speed), and the table is written as
+OUT/recipe.json and OUT/recipe.md."""
 
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import require
+from ..errors import SlmError, require
+from ..records import step_record
 from ..files import write_atomic
 from .parse import Recipe
 
@@ -27,36 +29,63 @@ class Measure:
 
 
 def run_recipe(recipe: Recipe, out: Path, force: bool = False, measure: Measure | None = None,
-               show: bool = True) -> dict:
-    """Run the recipe; returns {"checkpoint", "export", "rows"} (rows: one per measured state)."""
+               show: bool = True, resume: bool = False) -> dict:
+    """Run the recipe; returns {"checkpoint", "export", "rows"} (rows: one per measured state).
+
+    Every finished step but the last is saved under OUT.steps/ with a state file (what ran, the rows measured
+    so far), so a run that fails or is interrupted after an hour of distillation loses nothing: `resume`
+    continues after the last saved step (refused if the recipe's steps up to there differ). OUT.steps/ is
+    removed once OUT is written."""
     out = Path(out)
     targets = [out] + ([export_path(recipe, out)] if recipe.export else [])
     for path in targets:
         require(force or not path.exists(), f"{path} exists; pass --force to replace it")
     steps_dir = Path(f"{out}.steps")
-    try:
-        return _run(recipe, out, force, measure, show, steps_dir)
-    finally:  # the intermediate checkpoints never outlive the run, finished or not
+    require(resume or force or not steps_dir.exists(), f"{steps_dir} holds the steps an interrupted run "
+            f"finished: pass --resume to continue it, or --force to start over")
+    require(not resume or (steps_dir / STATE).is_file(), f"--resume: {steps_dir / STATE} not found (nothing to "
+            f"resume)")
+    if force and not resume:
         shutil.rmtree(steps_dir, ignore_errors=True)
+    try:
+        result = _run(recipe, out, force, measure, show, steps_dir, resume)
+    except BaseException:
+        if (steps_dir / STATE).is_file():
+            _say(show, f"[recipe: the finished steps are kept in {steps_dir}; rerun with --resume to continue]")
+        raise
+    shutil.rmtree(steps_dir, ignore_errors=True)
+    return result
 
 
-def _run(recipe: Recipe, out: Path, force: bool, measure: Measure | None, show: bool, steps_dir: Path) -> dict:
+STATE = "state.json"
+
+
+def _run(recipe: Recipe, out: Path, force: bool, measure: Measure | None, show: bool, steps_dir: Path,
+         resume: bool) -> dict:
     from ..backends import load
     from ..checkpoint import save_checkpoint
     from ..pipeline import _plain_first, apply_step_, step_inputs
 
     lm = load(recipe.model)
-    if measure:
-        steps_dir.mkdir(exist_ok=True)
-        measure.cache = steps_dir / "reference-logprobs"
-    rows = [measure_state(recipe.model, recipe.model, "input", measure)] if measure else []
     steps = _plain_first(lm, recipe.steps)
-    for i, cfg in enumerate(steps, 1):
+    keys = [json.loads(json.dumps(step_record(c), default=str)) for c in steps]  # what each step is, as data
+    steps_dir.mkdir(exist_ok=True)
+    if measure:
+        measure.cache = steps_dir / "reference-logprobs"
+    done, rows = _resume(steps_dir, keys) if resume else (0, [])
+    if done:
+        lm = load(str(_step_dir(steps_dir, done, steps[done - 1])))
+        _say(show, f"[recipe: resuming after step {done}/{len(steps)} ({steps[done - 1].method})]")
+    elif measure:
+        rows = [measure_state(recipe.model, recipe.model, "input", measure)]
+    for i, cfg in enumerate(steps[done:], done + 1):
         _say(show, f"[recipe step {i}/{len(steps)}: {cfg.method}]")
         apply_step_(lm.model, cfg, step_inputs(cfg, lm.tokenizer))
-        if measure and i < len(steps):
-            state = save_checkpoint(lm.model, lm.tokenizer, steps_dir / f"{i:02d}-{cfg.method}", force=True)
-            rows.append(measure_state(str(state), recipe.model, cfg.method, measure))
+        if i < len(steps):
+            state = save_checkpoint(lm.model, lm.tokenizer, _step_dir(steps_dir, i, cfg), force=True)
+            if measure:
+                rows.append(measure_state(str(state), recipe.model, cfg.method, measure))
+            write_atomic(steps_dir / STATE, json.dumps({"done": i, "steps": keys[:i], "rows": rows}).encode())
     checkpoint = save_checkpoint(lm.model, lm.tokenizer, out, force=force)
     if measure:
         rows.append(measure_state(str(checkpoint), recipe.model, steps[-1].method, measure))
@@ -67,6 +96,22 @@ def _run(recipe: Recipe, out: Path, force: bool, measure: Measure | None, show: 
         write_atomic(out / "recipe.json", (json.dumps(result, indent=1) + "\n").encode())
         write_atomic(out / "recipe.md", markdown(rows).encode())
     return result
+
+
+def _step_dir(steps_dir: Path, i: int, cfg) -> Path:
+    return steps_dir / f"{i:02d}-{cfg.method}"
+
+
+def _resume(steps_dir: Path, keys: list) -> tuple[int, list]:
+    """(steps already done, rows measured) from the state file, checked against this recipe's steps."""
+    try:
+        state = json.loads((steps_dir / STATE).read_text())
+        done, ran, rows = int(state["done"]), state["steps"], list(state["rows"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise SlmError(f"{steps_dir / STATE}: unreadable ({e}); pass --force to start over") from None
+    require(0 < done < len(keys) and ran == keys[:done], f"{steps_dir} was made by another recipe (its first "
+            f"{done} steps differ from this one's); pass --force to start over")
+    return done, rows
 
 
 def export_path(recipe: Recipe, out: Path) -> Path:
