@@ -64,6 +64,7 @@ def _run(recipe: Recipe, out: Path, force: bool, measure: Measure | None, show: 
          resume: bool) -> dict:
     from ..backends import load
     from ..checkpoint import save_checkpoint
+    from ..loader import resolve
     from ..pipeline import _plain_first, apply_step_, step_inputs
 
     lm = load(recipe.model)
@@ -72,23 +73,24 @@ def _run(recipe: Recipe, out: Path, force: bool, measure: Measure | None, show: 
     steps_dir.mkdir(exist_ok=True)
     if measure:
         measure.cache = steps_dir / "reference-logprobs"
+    reference = recipe.model or str(resolve(None))  # KL is measured against the input: a path, never None
     done, rows = _resume(steps_dir, keys) if resume else (0, [])
     if done:
         lm = load(str(_step_dir(steps_dir, done, steps[done - 1])))
         _say(show, f"[recipe: resuming after step {done}/{len(steps)} ({steps[done - 1].method})]")
     elif measure:
-        rows = [measure_state(recipe.model, recipe.model, "input", measure)]
+        rows = [measure_state(reference, reference, "input", measure)]
     for i, cfg in enumerate(steps[done:], done + 1):
         _say(show, f"[recipe step {i}/{len(steps)}: {cfg.method}]")
         apply_step_(lm.model, cfg, step_inputs(cfg, lm.tokenizer))
         if i < len(steps):
             state = save_checkpoint(lm.model, lm.tokenizer, _step_dir(steps_dir, i, cfg), force=True)
             if measure:
-                rows.append(measure_state(str(state), recipe.model, cfg.method, measure))
+                rows.append(measure_state(str(state), reference, cfg.method, measure))
             write_atomic(steps_dir / STATE, json.dumps({"done": i, "steps": keys[:i], "rows": rows}).encode())
     checkpoint = save_checkpoint(lm.model, lm.tokenizer, out, force=force)
     if measure:
-        rows.append(measure_state(str(checkpoint), recipe.model, steps[-1].method, measure))
+        rows.append(measure_state(str(checkpoint), reference, steps[-1].method, measure))
     exported = _export(recipe, lm, out, force) if recipe.export else None
     result = {"recipe": recipe.source, "model": recipe.model, "checkpoint": str(checkpoint),
               "export": None if exported is None else str(exported), "rows": rows}
