@@ -63,7 +63,7 @@ class BatchDraftModel:
         """Make row r hold seq r's history but its last token, then feed the last ones together: logits [n, V]."""
         for r, s in enumerate(seqs):
             h, held = s.history, self.held[r]
-            keep = _common_prefix(held, h[:-1])
+            keep = common_prefix(held, h[:-1])
             del held[keep:]
             if len(held) < len(h) - 1:  # far behind (a new prompt, or many kept tokens): this row alone
                 part = h[len(held):-1]
@@ -81,7 +81,8 @@ class BatchDraftModel:
         return logits
 
 
-def _common_prefix(a: list[int], b: list[int]) -> int:
+def common_prefix(a: list[int], b: list[int]) -> int:
+    """How many leading tokens a and b share."""
     n = 0
     for x, y in zip(a, b):
         if x != y:

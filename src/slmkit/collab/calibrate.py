@@ -49,12 +49,12 @@ def generation(lm, records: list[dict], max_new_tokens: int, quantile: float, pa
 
     tok = lm.tokenizer
     engine = Engine(lm.model, tok, max_active=parallel, max_queue=len(records), context=min(lm.model.cfg.max_seq_len, 2048))
-    sinks = []
+    sinks, stop_ids = [], tok.stop_ids()
     for rec in records:
         text = rec["instruction"] + (f"\n\n{rec['input']}" if rec.get("input") else "")
         prompt = tok.render_chat([{"role": "user", "content": text}]) if tok.chat_template else text + "\n"
         sinks.append(_Answer())
-        engine.submit(Request(tok.encode(prompt), GenerationConfig(max_new_tokens, stop_ids=tok.stop_ids())), sinks[-1])
+        engine.submit(Request(tok.encode(prompt), GenerationConfig(max_new_tokens, stop_ids=stop_ids)), sinks[-1])
     while engine.step():
         pass
     answers = [s.text for s in sinks]

@@ -19,6 +19,7 @@ from typing import Iterator
 
 import torch
 
+from ..batching.draft import common_prefix
 from ..errors import require
 from ..generate import GenerationConfig, Timings, distribution, sample, verify
 
@@ -49,12 +50,7 @@ class Cached:
     def rewind(self, seq: list[int]) -> None:
         """Keep only the longest prefix of what is held that `seq` starts with, short of seq's last token (which
         is fed next, for the logits after it); the rest is overwritten later."""
-        n = 0
-        for a, b in zip(self.held, seq[:-1]):
-            if a != b:
-                break
-            n += 1
-        del self.held[n:]
+        del self.held[common_prefix(self.held, seq[:-1]):]
 
 
 class PromptLookup:

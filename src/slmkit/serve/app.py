@@ -66,6 +66,7 @@ def create_app(engine: Engine, config: ServeConfig, own_engine: bool = True) -> 
 
     app = FastAPI(title="slmkit", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.engine, app.state.metrics, app.state.config = engine, metrics, config
+    app.state.stop_ids = engine.tokenizer.stop_ids()  # renders the chat template: once, not per request
     _error_handlers(app)
     auth = _auth(config)
 
@@ -143,7 +144,7 @@ async def _complete(app: FastAPI, request: Request, body: Sampling, ids: list[in
         raise ApiError(400, f"model {body.model!r} is not served here; this server serves {config.model_id!r}",
                        code="model_not_found")
     gen = GenerationConfig(min(max_tokens or body.max_tokens or config.max_tokens, config.max_tokens),
-                           body.temperature, 0, body.top_p, engine.tokenizer.stop_ids(), body.seed)
+                           body.temperature, 0, body.top_p, app.state.stop_ids, body.seed)
     reply = Reply(config.model_id, chat, body.include_usage)
     if config.cascade is not None:
         return await _cascade(app, request, body, ids, gen, reply)
