@@ -12,6 +12,7 @@ import time
 from .backends import BACKENDS
 from .cli_common import set_threads as _set_threads
 from .cli_cascade import cascade_parser, cmd_cascade
+from .cli_plan import cmd_plan, plan_parser
 from .cli_serve import cmd_serve, serve_parser
 from .cli_synth import cmd_synth, synth_parser
 from .cli_train import cmd_merge, cmd_train, merge_parser, train_parser
@@ -74,6 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     synth_parser(sub)
     serve_parser(sub)
     cascade_parser(sub)
+    plan_parser(sub)
     t = sub.add_parser("techniques", help="the taxonomy: each technique, its stage, the constraints it serves, "
                        "the metric that shows it, the verb")
     t.add_argument("--constraint", default=None, help="only those serving this constraint (memory, storage, "
@@ -438,7 +440,8 @@ def cmd_report(args) -> None:
 COMMANDS = {"info": cmd_info, "generate": cmd_generate, "chat": cmd_chat, "eval": cmd_eval, "bench": cmd_bench,
             "report": cmd_report, "quantize": cmd_quantize, "prune": cmd_prune,
             "export": cmd_export, "train": cmd_train, "merge": cmd_merge, "synth": cmd_synth,
-            "serve": cmd_serve, "cascade": cmd_cascade, "techniques": cmd_techniques, "compress": cmd_compress}
+            "serve": cmd_serve, "cascade": cmd_cascade, "techniques": cmd_techniques, "compress": cmd_compress,
+            "plan": cmd_plan}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -21,3 +21,8 @@ def progress(items: Iterable[T], description: str, total: int | None = None) -> 
                TextColumn("eta"), TimeRemainingColumn())
     with Progress(*columns, console=_console, transient=True) as bar:
         yield from bar.track(items, total=total, description=description)
+
+
+def note(message: str) -> None:
+    """One line of what a long job is doing now, on stderr, in brackets like the CLI's other notes."""
+    print(f"[{message}]", file=sys.stderr, flush=True)

@@ -68,5 +68,7 @@ def _value(hint, value):
         if dataclasses.is_dataclass(option) and isinstance(value, dict):
             return _build(option, value)
         if typing.get_origin(option) is tuple and isinstance(value, list):
-            return tuple(value)
+            item = (typing.get_args(option) or (None,))[0]
+            return tuple(_build(item, v) if dataclasses.is_dataclass(item) and isinstance(v, dict) else v
+                         for v in value)
     return value

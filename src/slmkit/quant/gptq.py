@@ -23,8 +23,8 @@ from ..modules import LayerFilter, block_groups, set_module
 from ..obs import inverse_cholesky_upper, obs_sweep_, prepare_hessian
 from .packed import quantized_linear
 from .rtn import Q8_TABLES, check_group_widths, quantize_tables_
-from .scheme import (QScheme, dequantize, dequantize_weight, fp16_round, grouped, qparams, quantize,
-                     search_qparams)
+from .scheme import (LayerScheme, QScheme, dequantize, dequantize_weight, fp16_round, grouped, qparams, quantize,
+                     scheme_for, search_qparams)
 
 
 @dataclass
@@ -40,6 +40,7 @@ class GPTQConfig:
     keep_zeros: bool = True  # symmetric schemes: weights already exactly zero (pruned) stay exactly zero
     embedding: QScheme | None = Q8_TABLES
     layers: LayerFilter = field(default_factory=LayerFilter)
+    overrides: tuple[LayerScheme, ...] = ()  # per-layer schemes (mixed precision); others take `scheme`
     calib: CalibConfig = field(default_factory=CalibConfig)
     method: ClassVar[str] = "gptq"
     needs_calibration: ClassVar[bool] = True
@@ -55,7 +56,10 @@ class GPTQConfig:
                 run()
             for group, st in zip(groups, stats):
                 names = [n for n in group.names if self.layers(f"blocks.{i}.{n}")]
-                gptq_linears_(block, names, st.hessian, self)
+                schemes = {n: scheme_for(f"blocks.{i}.{n}", self.scheme, self.overrides) for n in names}
+                for scheme in dict.fromkeys(schemes.values()):  # linears sharing a scheme are swept as one matrix
+                    same = [n for n in names if schemes[n] == scheme]
+                    gptq_linears_(block, same, st.hessian, dataclasses.replace(self, scheme=scheme))
         quantize_tables_(model, self.embedding, self.search)
 
 

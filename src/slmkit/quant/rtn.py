@@ -17,7 +17,7 @@ from ..calib import CalibConfig, capture, layerwise
 from ..errors import require
 from ..modules import LayerFilter, block_groups, named_linears, set_module
 from .packed import quantized_embedding, quantized_linear
-from .scheme import QScheme, quantize_weight
+from .scheme import LayerScheme, QScheme, quantize_weight, scheme_for
 
 Q8_TABLES = QScheme(8, 32, True)  # how llama.cpp stores a tied embedding table in Q4_0 / Q8_0 files
 
@@ -29,6 +29,7 @@ class RTNConfig:
     imatrix: bool = False  # weigh the search by calibration activations (needs calibration tokens)
     embedding: QScheme | None = Q8_TABLES  # embedding table and untied output matrix; None keeps them float
     layers: LayerFilter = field(default_factory=LayerFilter)
+    overrides: tuple[LayerScheme, ...] = ()  # per-layer schemes (mixed precision); others take `scheme`
     calib: CalibConfig = field(default_factory=CalibConfig)
     method: ClassVar[str] = "rtn"
 
@@ -50,8 +51,8 @@ class RTNConfig:
 def check_group_widths(model: nn.Module, cfg) -> None:
     """Before any calibration: the scheme's group divides the input width of every linear the step quantizes
     (a structurally pruned MLP, say, can be 880 wide); else one line naming the first layer that does not fit."""
-    g = cfg.scheme.group_size
     for name, linear in named_linears(model, cfg.layers):
+        g = scheme_for(name, cfg.scheme, getattr(cfg, "overrides", ())).group_size
         require(not g or linear.in_features % g == 0,
                 f"{cfg.method}: group size {g} does not divide {name}'s {linear.in_features} input columns (prune "
                 f"with --mlp-multiple {g}, or quantize with a group size that divides every layer)")
@@ -69,7 +70,7 @@ def quantize_linears_(model: nn.Module, cfg, importance: dict, under: str = "") 
     """RTN every float linear whose name starts with `under` and that cfg.layers accepts."""
     for name, linear in named_linears(model, cfg.layers):
         if name.startswith(under):
-            scheme = cfg.scheme.validate(linear.in_features)
+            scheme = scheme_for(name, cfg.scheme, getattr(cfg, "overrides", ())).validate(linear.in_features)
             codes, scales, offsets = quantize_weight(linear.weight.data, scheme, importance.get(name), cfg.search)
             set_module(model, name, quantized_linear(linear, codes, scales, offsets, scheme))
 

@@ -16,6 +16,7 @@ uses all 2^bits levels (the scale may be negative).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from fnmatch import fnmatchcase
 
 import torch
 
@@ -52,6 +53,19 @@ class QScheme:
     def describe(self) -> str:
         group = f"g{self.group_size}" if self.group_size else "per-channel"
         return f"int{self.bits} {'sym' if self.symmetric else 'asym'} {group}"
+
+
+@dataclass(frozen=True)
+class LayerScheme:
+    """One entry of a per-layer scheme map (mixed precision): layers whose qualified name matches the glob
+    `pattern` take `scheme` instead of the step's own."""
+    pattern: str
+    scheme: QScheme
+
+
+def scheme_for(name: str, base: QScheme, overrides: tuple[LayerScheme, ...] = ()) -> QScheme:
+    """The scheme of layer `name`: the first override whose pattern matches, else `base`."""
+    return next((o.scheme for o in overrides if fnmatchcase(name, o.pattern)), base)
 
 
 def fp16_round(x: torch.Tensor) -> torch.Tensor:
