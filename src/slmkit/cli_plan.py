@@ -29,6 +29,8 @@ def plan_parser(sub) -> None:
     p.add_argument("--objective", choices=("quality", "speed", "size"), default="quality",
                    help="what to maximise among models that meet the budget (default quality)")
     p.add_argument("--methods", default="rtn,gptq,awq+gptq", help="quantization methods searched (comma list)")
+    p.add_argument("--kv-bits", default=None, help="KV-cache widths searched, e.g. 16,8 (default: the table's "
+                   "16,8,4)")
     p.add_argument("--finalists", type=int, default=3, help="best predicted candidates built and measured")
     p.add_argument("--max-builds", type=int, default=6, help="most candidates built in all")
     p.add_argument("--eval-windows", type=int, default=16, help="WikiText-2 test windows of 512 tokens for quality")
@@ -54,7 +56,7 @@ def cmd_plan(args) -> None:
                     quantity(args.max_energy_j_per_token, "energy", "--max-energy-j-per-token"),
                     args.context, args.prompt_tokens, args.backend, args.objective)
     settings = PlanSettings(methods=tuple(m.strip() for m in args.methods.split(",") if m.strip()),
-                            finalists=args.finalists, max_builds=args.max_builds, windows=args.eval_windows)
+                            kv_bits=_ints(args.kv_bits, "--kv-bits"), finalists=args.finalists, max_builds=args.max_builds, windows=args.eval_windows)
     try:
         report = plan(args.model, budget, args.out, settings, args.force, sys.argv)
     except Infeasible as exc:
@@ -67,3 +69,13 @@ def cmd_plan(args) -> None:
     margins = ", ".join(f"{f} {m * 100:+.1f}%" for f, m in chosen["margins"].items())
     print(f"{args.out / chosen['artifact']}  ({chosen['name']}; margins: {margins})")
 
+
+
+def _ints(text: str | None, flag: str) -> tuple[int, ...] | None:
+    from .errors import require
+
+    if text is None:
+        return None
+    parts = [t.strip() for t in text.split(",") if t.strip()]
+    require(bool(parts) and all(t.isdigit() for t in parts), f"{flag}: {text!r} is not a comma list of integers")
+    return tuple(int(t) for t in parts)

@@ -42,6 +42,7 @@ class PlanSettings:
     fisher_samples: int = 16  # calibration sequences of 512 tokens for the sensitivities
     calib_samples: int = 128  # calibration sequences of 512 tokens for AWQ / GPTQ (their default)
     mixed_points: int = 4
+    kv_bits: tuple[int, ...] | None = None  # None: the technique table's choices
     task_limit: int = 200
     runs: int = 5
     cache: Path = field(default_factory=lambda: Path(os.environ.get("SLMKIT_CACHE", Path.home() / ".cache/slmkit")))
@@ -50,6 +51,7 @@ class PlanSettings:
         require(set(self.methods) <= set(METHODS) and self.methods, f"--methods: choose from {', '.join(METHODS)}")
         require(self.finalists >= 1 and self.max_builds >= 1, "--finalists and --max-builds must be positive")
         require(self.windows >= 1 and self.fisher_samples >= 1, "--eval-windows must be positive")
+        require(not self.kv_bits or set(self.kv_bits) <= {16, 8, 4}, "--kv-bits: choose from 16, 8, 4")
         return self
 
 
@@ -224,49 +226,58 @@ def guarantee(search: Search, ranked: list, builder: Builder, folder: Path, budg
     return None, None
 
 
-def plan(spec: str | None, budget: Budget, out: Path, settings: PlanSettings | None = None, force: bool = False,
-         command: list[str] | None = None) -> dict:
-    """Plan, build, measure and return the best model meeting `budget` in folder `out` (see the module docstring);
-    raises Infeasible (with the report written to `out`) when none does."""
+def prepare(spec: str | None, budget: Budget, settings: PlanSettings, work: Path) -> tuple:
+    """Everything the search needs, measured or read from the cache: (loaded base, Search with every candidate
+    enumerated and predicted, Builder writing artifacts under `work`)."""
     from ..backends import load
     from ..calib import CalibConfig
+    from ..eval.machine import machine_info, machine_key
 
-    settings = settings or PlanSettings()
-    out = Path(out)
-    check_inputs(budget, settings, out, force)
-    started = time.perf_counter()
     lm = load(spec, torch.float32)
     require(budget.context <= lm.model.cfg.max_seq_len, f"--context {budget.context}: the model holds at most "
             f"{lm.model.cfg.max_seq_len} tokens")
     folder = settings.cache / "plan" / model_key(lm.source, settings)
     ref = reference(lm, folder / f"reference-{settings.windows}", settings.windows)
     space = read_space(settings.methods)
+    space.kv_bits = list(settings.kv_bits or space.kv_bits)
     backends = list(settings.backends or (budget.backend,))
     schemes = {**{format_name(c.scheme): c.scheme for c in space.uniform}, **{f: FORMATS[f] for f in space.mixed_formats}}
     scores = sensitivities(lm.model, lm.tokenizer, schemes, folder / "sensitivity.json", settings.fisher_samples)
     shapes = shapes_of(lm.model)
     cal = Calibration(kv_kl=kv_quality(lm.model, ref, space.kv_bits, folder / f"kv-{settings.windows}.json"),
                       base=base_figures(lm, budget, settings))
-    work = out.parent / f".{out.name}.work"
     builder = Builder(lm.model, lm.tokenizer, work, dict(
         context=budget.context, prompt_tokens=budget.prompt_tokens, windows=settings.windows, reference_cache=ref,
         tasks=tuple(t for t, _ in budget.min_task_acc), task_limit=settings.task_limit, runs=settings.runs),
         CalibConfig(samples=settings.calib_samples, length=window_of(lm.model)))
-    from ..eval.machine import machine_info, machine_key
-
     calibrate_costs(builder, shapes, cal, space, backends, budget,
                     folder / f"costs-{machine_key(machine_info())}-p{budget.prompt_tokens}.json")
     search = Search(budget, shapes, scores, cal, space, backends)
     search.enumerate(settings.mixed_points)
-    ranked = run_search(search, builder, settings.finalists, settings.max_builds)
+    return lm, search, builder
+
+
+def plan(spec: str | None, budget: Budget, out: Path, settings: PlanSettings | None = None, force: bool = False,
+         command: list[str] | None = None) -> dict:
+    """Plan, build, measure and return the best model meeting `budget` in folder `out` (see the module docstring);
+    raises Infeasible (with the report written to `out`) when none does."""
     from .report import make_report, write_report
 
-    with atomic_output(out, force=force) as tmp:
-        chosen, again = guarantee(search, ranked, builder, tmp, budget)
-        report = make_report(search, chosen, again, lm.source, settings, time.perf_counter() - started, command,
-                             builder.calib)
-        write_report(report, search, tmp)
-    shutil.rmtree(work, ignore_errors=True)
+    settings = settings or PlanSettings()
+    out = Path(out)
+    check_inputs(budget, settings, out, force)
+    started = time.perf_counter()
+    work = out.parent / f".{out.name}.work"
+    try:
+        lm, search, builder = prepare(spec, budget, settings, work)
+        ranked = run_search(search, builder, settings.finalists, settings.max_builds)
+        with atomic_output(out, force=force) as tmp:
+            chosen, again = guarantee(search, ranked, builder, tmp, budget)
+            report = make_report(search, chosen, again, lm.source, settings, time.perf_counter() - started, command,
+                                 builder.calib)
+            write_report(report, search, tmp)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
     if chosen is None:
-        raise Infeasible(binding(search), report)
+        raise Infeasible(f"{binding(search)} (report: {out / 'plan.md'})", report)
     return report

@@ -101,8 +101,12 @@ class Search:
     def finalists(self, k: int) -> list[Entry]:
         """The k best predicted-feasible candidates by the objective, and every naive one predicted to fit."""
         fit = sorted((e for e in self.entries if self.feasible(e)), key=lambda e: self.rank_key(e.predicted))
-        for e in fit[:k]:
-            e.finalist = e.finalist or "predicted best"
+        seen = set()
+        for e in fit:  # k different weight choices, each with its best-predicted KV width
+            weights = (e.cand.method, e.cand.scheme, e.cand.table, e.cand.overrides, e.cand.backend)
+            if weights not in seen and len(seen) < k:
+                seen.add(weights)
+                e.finalist = e.finalist or "predicted best"
         for e in fit:
             if e.cand.naive:
                 e.finalist = e.finalist or "naive recipe"

@@ -161,5 +161,5 @@ def variants(base: Candidate, kv_bits: list[int], backends: list[str]) -> list[C
         exact = all(s in FORMATS.values() for s in (base.scheme, base.table, *(o.scheme for o in base.overrides)))
         if backend == "llamacpp" and (kv != 16 or not exact):
             continue
-        out.append(replace(base, backend=backend, kv_bits=kv))
+        out.append(replace(base, backend=backend, kv_bits=kv, naive=base.naive and kv == 16))
     return out
