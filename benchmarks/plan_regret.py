@@ -6,11 +6,12 @@ Per budget: the planner runs as `slm plan` would (its once-per-model caches warm
 log-probabilities, per-format cost calibration -- their one-time cost is printed first), then the grid's best is
 the best measured candidate meeting the budget by the same objective, among every candidate the planner's
 enumeration held for that budget. Grid measurements are shared between budgets (a candidate is measured once);
-the grid time of a budget is the build + measure time of all its candidates. The planner's quality (KL on
+the grid time of a budget is the build + measure time of all its candidates (a candidate the planner measured
+joins the grid with the planner's measurement and its build + measure seconds, as the grid would have spent). The planner's quality (KL on
 WikiText-2 test) should be within 2% of the grid's best (regret = planner KL / grid KL - 1, on the objective
 "quality"; for "size" and "speed" the objective figure is compared).
 
-    python benchmarks/plan_regret.py [MODEL] [--methods rtn] [--kv-bits 16,8] [--json out.json]
+    python benchmarks/plan_regret.py [MODEL] [--methods rtn] [--kv-bits 16] [--finalists 2] [--json out.json]
 """
 
 from __future__ import annotations
@@ -46,8 +47,9 @@ def objective_value(budget: Budget, fig: dict) -> float:
     return {"quality": fig["kl"], "size": fig["file_mb"], "speed": -fig["decode_tps"]}[budget.objective]
 
 
-def planner(spec, budget: Budget, settings: PlanSettings, work: Path) -> tuple[dict | None, float, list]:
-    """The planner's re-measured choice, its wall time, and its enumerated candidates."""
+def planner(spec, budget: Budget, settings: PlanSettings, work: Path, measured: dict) -> tuple[dict | None, float, list]:
+    """The planner's re-measured choice, its wall time, and its enumerated candidates; what it measured joins the
+    grid's measurements (the same probe, the same settings), with its build + measure seconds."""
     start = time.perf_counter()
     lm, search, builder = prepare(spec, budget, settings, work)
     ranked = run_search(search, builder, settings.finalists, settings.max_builds)
@@ -55,6 +57,10 @@ def planner(spec, budget: Budget, settings: PlanSettings, work: Path) -> tuple[d
     out.mkdir(parents=True, exist_ok=True)
     chosen, again = guarantee(search, ranked, builder, out, budget)
     seconds = time.perf_counter() - start
+    for e in search.entries:
+        if e.measured and "error" not in e.measured and e.cand.name not in measured:
+            path = str(builder.built[e.cand.name])
+            measured[e.cand.name] = (e.measured, builder.seconds[e.cand.name] + builder.probe_seconds.get(path, 0.0))
     return (None if chosen is None else {"name": chosen.cand.name, **again}), seconds, [e.cand for e in search.entries]
 
 
@@ -83,11 +89,13 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("model", nargs="?", default=None)
     p.add_argument("--methods", default="rtn")
-    p.add_argument("--kv-bits", default="16,8")
+    p.add_argument("--kv-bits", default="16")
+    p.add_argument("--finalists", type=int, default=2)
     p.add_argument("--budgets", default="size-bound,memory-bound,speed-bound,quality-bound,mixed")
     p.add_argument("--json", type=Path, default=None)
     a = p.parse_args()
-    settings = PlanSettings(methods=tuple(a.methods.split(",")), kv_bits=tuple(int(b) for b in a.kv_bits.split(",")))
+    settings = PlanSettings(methods=tuple(a.methods.split(",")), kv_bits=tuple(int(b) for b in a.kv_bits.split(",")),
+                            finalists=a.finalists, max_builds=2 * a.finalists + 3)
     rows, measured = [], {}
     with tempfile.TemporaryDirectory() as tmp:
         start = time.perf_counter()
@@ -100,7 +108,7 @@ def main() -> int:
         print("|---|---|---|---:|---:|---:|---:|---:|", flush=True)
         for name in a.budgets.split(","):
             budget = Budget(**table[name]).validate()
-            chose, t_plan, cands = planner(a.model, budget, settings, Path(tmp) / f"plan-{name}")
+            chose, t_plan, cands = planner(a.model, budget, settings, Path(tmp) / f"plan-{name}", measured)
             best, t_grid = grid(a.model, budget, settings, cands, Path(tmp) / "grid", measured)
             regret = None if not chose or not best else \
                 objective_value(budget, chose) / objective_value(budget, best) - 1 if budget.objective == "quality" \

@@ -400,3 +400,12 @@ def test_plan_refuses_contradictory_quality_budgets(capsys):
     with pytest.raises(SystemExit) as exc:
         main(["plan", "--max-kl", "0.1", "--max-ppl-increase", "5", "-o", "x"])
     assert exc.value.code == 2 and "not allowed with" in capsys.readouterr().err
+
+
+def test_a_method_that_loses_where_rtn_is_exact_gets_a_floor():
+    cal, sc = _cal(), {n: {**v, "Q4_1": 0.0} for n, v in _scores().items()}  # the base sits on Q4_1's grid
+    awq = Candidate("awq+gptq", FORMATS["Q4_1"], FORMATS["Q4_1"])
+    assert predict(awq, SHAPES, sc, cal, 256)["kl"] == 0.0
+    learn(cal, awq, sc, {"kl": 0.03})
+    assert predict(awq, SHAPES, sc, cal, 256)["kl"] == pytest.approx(0.03)
+    assert predict(Candidate("rtn", FORMATS["Q4_1"], FORMATS["Q4_1"]), SHAPES, sc, cal, 256)["kl"] == 0.0

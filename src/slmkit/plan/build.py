@@ -27,7 +27,8 @@ class Builder:
         self.probe_args = probe_args  # ProbeSpec fields besides artifact / backend
         self.memo: dict[str, object] = {}  # json of a one-step prefix -> the model after it
         self.built: dict[str, Path] = {}  # candidate name -> artifact
-        self.seconds: dict[str, float] = {}
+        self.seconds: dict[str, float] = {}  # candidate name -> build seconds
+        self.probe_seconds: dict[str, float] = {}  # artifact -> measuring seconds
 
     def model(self, cand: Candidate):
         """The candidate's model: a copy of the base with its pipeline applied (a memoised first step reused)."""
@@ -67,7 +68,9 @@ class Builder:
         """The probe's figures of an artifact, from a fresh process."""
         spec = ProbeSpec(artifact, backend, quality=quality, **self.probe_args)
         out = artifact.parent / f"{tag}{'' if quality else '-cost'}.json"
+        start = time.perf_counter()
         done = subprocess.run(spec.argv(out), capture_output=True, text=True)
+        self.probe_seconds[str(artifact)] = self.probe_seconds.get(str(artifact), 0.0) + time.perf_counter() - start
         if done.returncode != 0 or not out.is_file():
             last = (done.stderr.strip().splitlines() or ["no output"])[-1]
             raise SlmError(f"measuring {artifact} failed: {last}")

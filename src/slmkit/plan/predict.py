@@ -10,7 +10,9 @@ this machine's costs per format.
   on this machine from a uniform build of that format, and a mixture is the sum over its tensors.
 * KL: the per-tensor Fisher scores of the chosen formats, summed (slmkit.plan.sensitivity), times the method's
   factor (GPTQ's error feedback makes its KL a fraction of RTN's): the factor starts at the prior below and is
-  replaced by measured / predicted as soon as a candidate of that method is measured. The KV cache's KL is
+  replaced by measured / predicted as soon as a candidate of that method is measured. Where RTN is exact (the
+  proxy is 0: the base's weights already sit on the format's grid) a method that moves weights (AWQ's scales)
+  still costs something: what it measured there is kept as that method's floor. The KV cache's KL is
   measured once per width on the base model. Perplexity increase: exp(gamma * KL) - 1, gamma fitted likewise.
 """
 
@@ -47,6 +49,7 @@ class Calibration:
     proxy_scale: float | None = None  # measured KL / Fisher sum for RTN; None until something is measured
     factors: dict[str, float] = field(default_factory=lambda: dict(PRIOR_FACTORS))
     measured_factors: dict[str, float] = field(default_factory=dict)
+    floors: dict[str, float] = field(default_factory=dict)  # method -> KL it measured beyond its proxy (least)
     gamma: float = PRIOR_GAMMA
     base: dict = field(default_factory=dict)  # the base model's measured figures (ppl, acc:task)
 
@@ -86,7 +89,8 @@ def predict(cand: Candidate, shapes: Shapes, scores: dict, cal: Calibration, con
 
 def quality(cand: Candidate, scores: dict, cal: Calibration) -> dict:
     scale = cal.proxy_scale if cal.proxy_scale is not None else 1.0
-    kl = scale * cal.factors[cand.method] * fisher_sum(scores, cand) + cal.kv_kl.get(cand.kv_bits, 0.0)
+    kl = scale * cal.factors[cand.method] * fisher_sum(scores, cand) + cal.floors.get(cand.method, 0.0) + \
+        cal.kv_kl.get(cand.kv_bits, 0.0)
     out = {"kl": kl, "ppl_increase_pct": 100 * (math.exp(cal.gamma * kl) - 1)}
     out.update({k: v for k, v in cal.base.items() if k.startswith("acc:")})  # accuracy: not predicted, measured
     return out
@@ -98,7 +102,12 @@ def learn(cal: Calibration, cand: Candidate, scores: dict, measured: dict) -> No
     kl = measured.get("kl")
     raw = fisher_sum(scores, cand)
     weights_kl = None if kl is None else kl - cal.kv_kl.get(cand.kv_bits, 0.0)
-    if weights_kl is None or weights_kl <= 0 or raw <= 0:
+    if weights_kl is None:
+        return
+    if raw <= 1e-12 * max(weights_kl, 1e-12) or weights_kl <= 0:
+        # nothing for the proxy to scale: RTN reproduces these weights exactly (a base that is itself on the
+        # grid, as the default model's Q4_1 blocks are), yet this method moved them; keep what it cost as a floor
+        cal.floors[cand.method] = min(cal.floors.get(cand.method, math.inf), max(weights_kl, 0.0))
         return
     if cand.method == "rtn" or cal.proxy_scale is None:
         ratio = weights_kl / (raw * cal.factors[cand.method])
