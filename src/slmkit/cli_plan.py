@@ -31,7 +31,8 @@ def plan_parser(sub) -> None:
     p.add_argument("--methods", default="rtn,gptq,awq+gptq", help="quantization methods searched (comma list)")
     p.add_argument("--kv-bits", default=None, help="KV-cache widths searched, e.g. 16,8 (default: the table's "
                    "16,8,4)")
-    p.add_argument("--finalists", type=int, default=3, help="best predicted candidates built and measured")
+    p.add_argument("--finalists", type=int, default=3, help="best predicted weight choices built and measured "
+                   "(the naive recipes predicted to fit are measured too)")
     p.add_argument("--max-builds", type=int, default=6, help="most candidates built in all")
     p.add_argument("--eval-windows", type=int, default=16, help="WikiText-2 test windows of 512 tokens for quality")
     p.add_argument("--explain", action="store_true", help="print why each family was kept or dropped")

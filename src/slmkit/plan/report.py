@@ -159,7 +159,8 @@ def plot(report: dict, path: Path) -> None:
         ax.set_ylabel("KL vs base (nats/token)")
         ax.set_yscale("log")
         ax.grid(alpha=0.3)
-        ax.legend(loc="upper right", fontsize=8)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(loc="upper right", fontsize=8)
     axes[0].set_title("quality vs size (hollow: predicted, filled: measured)")
     axes[1].set_title("quality vs decode speed")
     fig.tight_layout()

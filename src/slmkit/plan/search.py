@@ -110,7 +110,7 @@ class Search:
         for e in fit:
             if e.cand.naive:
                 e.finalist = e.finalist or "naive recipe"
-        return sorted((e for e in fit if e.finalist), key=lambda e: (e.cand.method != "awq+gptq", e.cand.method))
+        return [e for e in fit if e.finalist == "predicted best"] + [e for e in fit if e.finalist == "naive recipe"]
 
     def refresh(self) -> None:
         for e in self.entries:
