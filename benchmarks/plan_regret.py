@@ -11,7 +11,8 @@ joins the grid with the planner's measurement and its build + measure seconds, a
 WikiText-2 test) should be within 2% of the grid's best (regret = planner KL / grid KL - 1, on the objective
 "quality"; for "size" and "speed" the objective figure is compared).
 
-    python benchmarks/plan_regret.py [MODEL] [--methods rtn] [--kv-bits 16] [--finalists 2] [--json out.json]
+    python benchmarks/plan_regret.py [MODEL] [--methods rtn] [--kv-bits 16] [--finalists 1] [--eval-windows 8]
+        [--json out.json]
 """
 
 from __future__ import annotations
@@ -90,12 +91,13 @@ def main() -> int:
     p.add_argument("model", nargs="?", default=None)
     p.add_argument("--methods", default="rtn")
     p.add_argument("--kv-bits", default="16")
-    p.add_argument("--finalists", type=int, default=2)
+    p.add_argument("--finalists", type=int, default=1)
+    p.add_argument("--eval-windows", type=int, default=8)
     p.add_argument("--budgets", default="size-bound,memory-bound,speed-bound,quality-bound,mixed")
     p.add_argument("--json", type=Path, default=None)
     a = p.parse_args()
     settings = PlanSettings(methods=tuple(a.methods.split(",")), kv_bits=tuple(int(b) for b in a.kv_bits.split(",")),
-                            finalists=a.finalists, max_builds=2 * a.finalists + 3)
+                            finalists=a.finalists, max_builds=2 * a.finalists + 3, windows=a.eval_windows)
     rows, measured = [], {}
     with tempfile.TemporaryDirectory() as tmp:
         start = time.perf_counter()

@@ -171,7 +171,8 @@ def base_figures(lm, budget: Budget, settings: PlanSettings) -> dict:
 def calibrate_costs(builder: Builder, shapes: Shapes, cal: Calibration, space, backends: list[str],
                     budget: Budget, path: Path) -> None:
     """Each storage format's decode cost per byte and prefill cost per weight, on each backend, from a uniform RTN
-    build of it measured in a fresh process; the artifact's and the runtime's own bytes from the Q8_0 build.
+    build of it measured in a fresh process; the artifact's own bytes from the Q8_0 build, the runtime's resident
+    memory (peak RSS less weights and KV cache) as the median over the formats' builds.
     Kept per model and machine (a busy machine measures slow: rerun with a fresh cache to re-measure)."""
     if path.is_file():
         for k, v in json.loads(path.read_text()).items():
@@ -180,7 +181,7 @@ def calibrate_costs(builder: Builder, shapes: Shapes, cal: Calibration, space, b
     from .predict import kv_bytes
 
     for backend in backends:
-        formats = _storage_formats(space, backend)
+        formats, runtime = _storage_formats(space, backend), []
         for fmt in sorted(formats, key=lambda f: f != "Q8_0"):
             if f"{backend}/{fmt}" in cal.decode_ms_per_byte:
                 continue
@@ -191,7 +192,8 @@ def calibrate_costs(builder: Builder, shapes: Shapes, cal: Calibration, space, b
             weights, table = sum(mb.values()), sum(v for n, v in mb.items() if n in ("embed", "lm_head"))
             if fmt == "Q8_0":
                 cal.overhead_bytes[backend] = fig["file_mb"] * 1e6 - weights
-                cal.runtime_mb[backend] = fig["memory_mb"] - (weights + kv_bytes(shapes, cand, budget.context)) / 1e6
+            runtime.append(fig["memory_mb"] - (weights + kv_bytes(shapes, cand, budget.context)) / 1e6)
+            cal.runtime_mb[backend] = sorted(runtime)[(len(runtime) - 1) // 2]  # the median (lower) of the formats
             ms, k8 = 1e3 / fig["decode_tps"], cal.decode_ms_per_byte.get(f"{backend}/Q8_0", 0.0)
             cal.decode_ms_per_byte[f"{backend}/{fmt}"] = ms / weights if fmt == "Q8_0" else \
                 max(ms - table * k8, 0.0) / (weights - table)
