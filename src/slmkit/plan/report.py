@@ -6,8 +6,9 @@ plan.json (schema "slmkit.plan/1"):
   space {technique: "searched" | why not},
   calibration {overhead_bytes, runtime_mb, decode_ms_per_byte, ttft_ms_per_weight, kv_kl, proxy_scale, factors,
                measured_factors, gamma, base},
-  candidates [{candidate (space.Candidate.record), predicted {figure: value}, measured {figure: value} | null,
-               finalist (why measured, "" if not), predicted_feasible, build_seconds}],
+  candidates [{candidate (space.Candidate.record), predicted {figure: value} (after the last refit),
+               predicted_when_chosen {figure: value} | null (the prediction it was measured on), measured | null,
+               finalist (why measured, "" if not), predicted_feasible}],
   chosen {name, artifact, measured, remeasured, margins {figure: fraction inside the limit}, timing_noise} | null,
   infeasible: one line | null
 Figures: file_mb, memory_mb (peak RSS of a fresh process holding a full context), decode_tps, ttft_ms, kl (mean
@@ -34,7 +35,8 @@ def make_report(search, chosen, again, source: str, settings, seconds: float, co
                              "calibration": "WikiText-2 validation (sensitivities, AWQ / GPTQ statistics)"},
               "space": search.space.rows, "calibration": asdict(search.cal),
               "candidates": [{"candidate": e.cand.record(), "predicted": e.predicted, "measured": e.measured,
-                              "finalist": e.finalist, "predicted_feasible": search.feasible(e)}
+                              "predicted_when_chosen": e.predicted_then, "finalist": e.finalist,
+                              "predicted_feasible": search.feasible(e)}
                              for e in search.entries],
               "chosen": None, "infeasible": None}
     if chosen is None:
@@ -92,10 +94,12 @@ def markdown(report: dict) -> str:
     else:
         lines += [f"**No model meets the budget.** {report['infeasible']}", ""]
     head = ["candidate", *[f"{f} (pred / meas)" for f in FIGURES], "measured because"]
+    lines += ["Predicted figures of a measured candidate are those it was chosen on, before its own measurement "
+              "refitted the model.", ""]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for c in sorted(report["candidates"], key=lambda c: (c["measured"] is None, c["predicted"]["file_mb"])):
-        meas = c["measured"] or {}
-        cells = [f"{_fmt(c['predicted'].get(f))} / {_fmt(meas.get(f))}" if meas else _fmt(c["predicted"].get(f))
+        meas, then = c["measured"] or {}, c.get("predicted_when_chosen") or c["predicted"]
+        cells = [f"{_fmt(then.get(f))} / {_fmt(meas.get(f))}" if meas else _fmt(c["predicted"].get(f))
                  for f in FIGURES]
         lines.append("| " + " | ".join([c["candidate"]["name"], *cells, c["finalist"] or "-"]) + " |")
     lines += ["", "## Techniques", ""] + [f"- {t}: {why}" for t, why in report["space"].items()]
@@ -142,7 +146,7 @@ def plot(report: dict, path: Path) -> None:
     for ax, x, label, limit in ((axes[0], "file_mb", "file MB", b.get("max_file_mb")),
                                 (axes[1], "decode_tps", "decode tok/s", b.get("min_decode_tps"))):
         for c in report["candidates"]:
-            p, m = c["predicted"], c["measured"] or {}
+            p, m = c.get("predicted_when_chosen") or c["predicted"], c["measured"] or {}
             if p.get(x) is not None:
                 ax.scatter(p[x], p["kl"], facecolors="none", edgecolors="tab:gray", s=18)
             if m.get(x) is not None and m.get("kl") is not None:

@@ -39,6 +39,7 @@ class Entry:
     predicted: dict
     measured: dict | None = None
     finalist: str = ""  # why it was measured ("" = not measured)
+    predicted_then: dict | None = None  # the prediction it was chosen on, before its own measurement refit it
 
 
 @dataclass
@@ -137,6 +138,7 @@ def mixed_candidate(method: str, formats: dict[str, str], label: str) -> Candida
 def measure_entry(search: Search, builder, e: Entry) -> None:
     """Build, measure and learn from one finalist (a failure is recorded, not fatal)."""
     note(f"plan: building and measuring {e.cand.name} ({e.finalist})")
+    e.predicted_then = dict(e.predicted)
     try:
         e.measured = builder.measure(builder.artifact(e.cand), e.cand.backend)
     except SlmError as err:
