@@ -243,8 +243,7 @@ class FakeBuilder:
         self.search, self.error, self.fail, self.built, self.calls = search, error, set(fail), {}, []
 
     def artifact(self, cand):
-        self.built[cand.name] = cand.name
-        return cand.name
+        return self.built.setdefault(cand.name, cand.name)
 
     def measure(self, artifact, backend, quality=True, tag="probe"):
         self.calls.append((artifact, tag))
@@ -409,3 +408,18 @@ def test_a_method_that_loses_where_rtn_is_exact_gets_a_floor():
     learn(cal, awq, sc, {"kl": 0.03})
     assert predict(awq, SHAPES, sc, cal, 256)["kl"] == pytest.approx(0.03)
     assert predict(Candidate("rtn", FORMATS["Q4_1"], FORMATS["Q4_1"]), SHAPES, sc, cal, 256)["kl"] == 0.0
+
+
+def test_the_cost_calibration_builds_are_measured_candidates():
+    budget = Budget(max_file_mb=0.078, max_kl=10.0).validate()
+    cal = _cal()
+    cal.measured["rtn Q4_0 [torch]"] = {"file_mb": 0.03, "kl": 0.5, "ppl_increase_pct": 40.0, "decode_tps": 10.0,
+                                         "ttft_ms": 5.0, "memory_mb": 100.0}
+    space = read_space(("rtn",))
+    space.kv_bits = [16]
+    s = Search(budget, SHAPES, _scores(), cal, space, ["torch"])
+    s.enumerate(mixed_points=2)
+    e = next(e for e in s.entries if e.cand.name == "rtn Q4_0 [torch]")
+    assert e.measured["kl"] == 0.5 and e.finalist == "cost calibration build" and e.predicted_then is not None
+    assert cal.proxy_scale is not None and e.predicted["kl"] == pytest.approx(0.5)  # the model was fitted on it
+    assert e not in s.finalists(3)  # not built twice

@@ -52,6 +52,7 @@ class Calibration:
     floors: dict[str, float] = field(default_factory=dict)  # method -> KL it measured beyond its proxy (least)
     gamma: float = PRIOR_GAMMA
     base: dict = field(default_factory=dict)  # the base model's measured figures (ppl, acc:task)
+    measured: dict[str, dict] = field(default_factory=dict)  # candidate name -> figures of its calibration build
 
 
 def matrix_bytes(shapes: Shapes, cand: Candidate) -> dict[str, float]:

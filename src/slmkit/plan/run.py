@@ -172,10 +172,12 @@ def calibrate_costs(builder: Builder, shapes: Shapes, cal: Calibration, space, b
                     budget: Budget, path: Path) -> None:
     """Each storage format's decode cost per byte and prefill cost per weight, on each backend, from a uniform RTN
     build of it measured in a fresh process; the artifact's own bytes from the Q8_0 build, the runtime's resident
-    memory (peak RSS less weights and KV cache) as the median over the formats' builds.
+    memory (peak RSS less weights and KV cache) as the median over the formats' builds. The builds' quality is
+    measured too: they are candidates of the space, and the first points the quality model is fitted on.
     Kept per model and machine (a busy machine measures slow: rerun with a fresh cache to re-measure)."""
-    if path.is_file():
-        for k, v in json.loads(path.read_text()).items():
+    cached = json.loads(path.read_text()) if path.is_file() else {}
+    if "measured" in cached:  # (a calibration without the builds' quality is measured again)
+        for k, v in cached.items():
             getattr(cal, k).update(v)
     from ..quant.rtn import Q8_TABLES
     from .predict import kv_bytes
@@ -187,7 +189,8 @@ def calibrate_costs(builder: Builder, shapes: Shapes, cal: Calibration, space, b
                 continue
             cand = Candidate("rtn", formats[fmt], Q8_TABLES, backend=backend, label="uniform", naive=True)
             note(f"plan: calibrating {backend} {fmt} costs on this machine")
-            fig = builder.measure(builder.artifact(cand), backend, quality=False)
+            fig = builder.measure(builder.artifact(cand), backend)
+            cal.measured[cand.name] = fig
             mb = matrix_bytes(shapes, cand)
             weights, table = sum(mb.values()), sum(v for n, v in mb.items() if n in ("embed", "lm_head"))
             if fmt == "Q8_0":
@@ -200,7 +203,7 @@ def calibrate_costs(builder: Builder, shapes: Shapes, cal: Calibration, space, b
             cal.ttft_ms_per_weight[f"{backend}/{fmt}"] = fig["ttft_ms"] / sum(o * i for o, i in shapes.tensors.values())
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({k: getattr(cal, k) for k in ("overhead_bytes", "runtime_mb", "decode_ms_per_byte",
-                                                             "ttft_ms_per_weight")}))
+                                                             "ttft_ms_per_weight", "measured")}))
 
 
 def _storage_formats(space, backend: str) -> dict:
@@ -215,7 +218,7 @@ def guarantee(search: Search, ranked: list, builder: Builder, folder: Path, budg
     """Copy the best measured candidate into the output folder and re-measure that copy in a fresh process; the
     first whose re-measurement still meets every limit is returned with its figures (else None)."""
     for e in ranked:
-        artifact = builder.built[e.cand.name]
+        artifact = builder.artifact(e.cand)  # built already, unless a cached calibration measured it
         target = folder / artifact.name
         shutil.copytree(artifact, target) if artifact.is_dir() else shutil.copy2(artifact, target)
         note(f"plan: re-measuring {e.cand.name} in a fresh process")
@@ -253,7 +256,7 @@ def prepare(spec: str | None, budget: Budget, settings: PlanSettings, work: Path
         tasks=tuple(t for t, _ in budget.min_task_acc), task_limit=settings.task_limit, runs=settings.runs),
         CalibConfig(samples=settings.calib_samples, length=window_of(lm.model)))
     calibrate_costs(builder, shapes, cal, space, backends, budget,
-                    folder / f"costs-{machine_key(machine_info())}-p{budget.prompt_tokens}.json")
+                    folder / f"costs-{machine_key(machine_info())}-p{budget.prompt_tokens}-w{settings.windows}.json")
     search = Search(budget, shapes, scores, cal, space, backends)
     search.enumerate(settings.mixed_points)
     return lm, search, builder

@@ -60,6 +60,12 @@ class Search:
         for c in cands:  # a mixed choice that came out uniform is that uniform candidate
             unique.setdefault(c.name, c)
         self.entries = [Entry(c, self.predict(c)) for c in unique.values()]
+        for e in self.entries:  # the cost calibration's builds are measured candidates: the model learns from them
+            if e.cand.name in self.cal.measured:
+                e.predicted_then, e.measured, e.finalist = self.predict(e.cand), self.cal.measured[e.cand.name], \
+                    "cost calibration build"
+                learn(self.cal, e.cand, self.scores, e.measured)
+        self.refresh()
 
     def predict(self, cand: Candidate) -> dict:
         return predict(cand, self.shapes, self.scores, self.cal, self.budget.context)
@@ -103,13 +109,15 @@ class Search:
         """The k best predicted-feasible candidates by the objective, and every naive one predicted to fit."""
         fit = sorted((e for e in self.entries if self.feasible(e)), key=lambda e: self.rank_key(e.predicted))
         seen = set()
-        for e in fit:  # k different weight choices, each with its best-predicted KV width
+        for e in fit:  # k different weight choices, each with its best-predicted KV width, not measured yet
+            if e.measured is not None:
+                continue
             weights = (e.cand.method, e.cand.scheme, e.cand.table, e.cand.overrides, e.cand.backend)
             if weights not in seen and len(seen) < k:
                 seen.add(weights)
                 e.finalist = e.finalist or "predicted best"
         for e in fit:
-            if e.cand.naive:
+            if e.cand.naive and e.measured is None:
                 e.finalist = e.finalist or "naive recipe"
         return [e for e in fit if e.finalist == "predicted best"] + [e for e in fit if e.finalist == "naive recipe"]
 
