@@ -59,7 +59,7 @@ def planner(spec, budget: Budget, settings: PlanSettings, work: Path, measured: 
     chosen, again = guarantee(search, ranked, builder, out, budget)
     seconds = time.perf_counter() - start
     for e in search.entries:
-        if e.measured and "error" not in e.measured and e.cand.name not in measured:
+        if e.measured and "error" not in e.measured and e.cand.name not in measured and e.cand.name in builder.built:
             path = str(builder.built[e.cand.name])
             measured[e.cand.name] = (e.measured, builder.seconds[e.cand.name] + builder.probe_seconds.get(path, 0.0))
     return (None if chosen is None else {"name": chosen.cand.name, **again}), seconds, [e.cand for e in search.entries]
@@ -101,7 +101,11 @@ def main() -> int:
     rows, measured = [], {}
     with tempfile.TemporaryDirectory() as tmp:
         start = time.perf_counter()
-        _, warm, _ = prepare(a.model, Budget(max_file_mb=1e9).validate(), settings, Path(tmp) / "warm")  # caches
+        _, warm, wb = prepare(a.model, Budget(max_file_mb=1e9).validate(), settings, Path(tmp) / "warm")  # caches
+        for e in warm.entries:  # the cost calibration's uniform RTN builds: measured once, the grid's too
+            if e.measured is not None:
+                path = str(wb.built.get(e.cand.name))
+                measured[e.cand.name] = (e.measured, wb.seconds.get(e.cand.name, 0.0) + wb.probe_seconds.get(path, 0.0))
         table = budgets(warm)
         print(f"once per model and machine (sensitivities, reference, cost calibration): "
               f"{time.perf_counter() - start:.0f} s (a few when the cache was warm)", flush=True)
