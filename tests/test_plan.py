@@ -423,3 +423,20 @@ def test_the_cost_calibration_builds_are_measured_candidates():
     assert e.measured["kl"] == 0.5 and e.finalist == "cost calibration build" and e.predicted_then is not None
     assert cal.proxy_scale is not None and e.predicted["kl"] == pytest.approx(0.5)  # the model was fitted on it
     assert e not in s.finalists(3)  # not built twice
+
+
+def test_plan_with_a_task_accuracy_floor(tiny_ckpt, cache, tmp_path, capsys, monkeypatch):
+    """A --min-task-acc budget is measured on every finalist (fresh process) and on the base; a floor above what
+    the base reaches leaves no model, and says so."""
+    task = tmp_path / "mc.jsonl"
+    qs = [{"context": f"question {i}:", "choices": [" yes", " no", " maybe"], "answer": i % 3} for i in range(6)]
+    task.write_text("\n".join(json.dumps(q) for q in qs) + "\n")
+    out = tmp_path / "acc"
+    code, _, err = _plan(capsys, monkeypatch, cache, str(tiny_ckpt), "--max-file-mb", "0.12", "--min-task-acc",
+                         f"{task}:0.01", *BASE, "-o", str(out))
+    assert code == 0, err
+    report = json.loads((out / "plan.json").read_text())
+    assert f"acc:{task}" in report["chosen"]["remeasured"] and report["chosen"]["margins"][f"acc:{task}"] >= 0
+    code, _, err = _plan(capsys, monkeypatch, cache, str(tiny_ckpt), "--max-file-mb", "0.12", "--min-task-acc",
+                         f"{task}:1.0", *BASE, "-o", str(tmp_path / "none"))
+    assert code == 2 and f"acc:{task} at least 1 is binding" in err
