@@ -152,7 +152,7 @@ def kv_quality(model, ref: Path, bits: list[int], path: Path) -> dict[int, float
         note(f"plan: KL of an int{b} KV cache on the base model")
         copy_ = copy.deepcopy(model)
         use_quantized_cache_(copy_, QScheme(b, 0, False))
-        spec = ProbeSpec(Path(), "torch", 1, 1, 0, ref)
+        spec = ProbeSpec(Path(), "torch", context=1, prompt_tokens=1, windows=0, reference_cache=ref)
         cached[b] = quality(SimpleNamespace(model=copy_), spec)["kl"]
     path.write_text(json.dumps(cached))
     return {16: 0.0, **cached}
