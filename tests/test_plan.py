@@ -440,3 +440,18 @@ def test_plan_with_a_task_accuracy_floor(tiny_ckpt, cache, tmp_path, capsys, mon
     code, _, err = _plan(capsys, monkeypatch, cache, str(tiny_ckpt), "--max-file-mb", "0.12", "--min-task-acc",
                          f"{task}:1.0", *BASE, "-o", str(tmp_path / "none"))
     assert code == 2 and f"acc:{task} at least 1 is binding" in err
+
+
+def test_report_marks_finalists_left_unbuilt(tmp_path):
+    from slmkit.plan.report import make_report, markdown
+    from slmkit.plan.run import PlanSettings
+
+    budget = Budget(max_file_mb=0.078, max_kl=10.0).validate()
+    s = _search(budget)
+    run_search(s, FakeBuilder(s), finalists=3, max_builds=1)
+    report = make_report(s, None, None, "tiny", PlanSettings(), 1.0, ["slm", "plan"])
+    labels = {c["finalist"] for c in report["candidates"] if not c["measured"]}
+    assert "a finalist, not built (--max-builds)" in labels and "predicted best" not in labels
+    assert sum(1 for c in report["candidates"] if c["measured"]) == 1
+    assert report["chosen"] is None and "binding" in report["infeasible"]
+    assert "No model meets the budget" in markdown(report)

@@ -35,7 +35,9 @@ def make_report(search, chosen, again, source: str, settings, seconds: float, co
                              "calibration": "WikiText-2 validation (sensitivities, AWQ / GPTQ statistics)"},
               "space": search.space.rows, "calibration": asdict(search.cal),
               "candidates": [{"candidate": e.cand.record(), "predicted": e.predicted, "measured": e.measured,
-                              "predicted_when_chosen": e.predicted_then, "finalist": e.finalist,
+                              "predicted_when_chosen": e.predicted_then,
+                              "finalist": e.finalist if e.measured else ("a finalist, not built (--max-builds)"
+                                                                         if e.finalist else ""),
                               "predicted_feasible": search.feasible(e)}
                              for e in search.entries],
               "chosen": None, "infeasible": None}
