@@ -58,6 +58,12 @@ def fidelity(model, reference, tokenizer, reference_tokenizer, text: Text, proto
     check_same_tokenizer(tokenizer, reference_tokenizer)
     _, _, sequences, firsts = window_sequences(tokenizer, text, protocol)
     ref = reference_logprobs(reference, sequences, firsts, cache_dir, reference_source)
+    return {**fidelity_on(model, sequences, firsts, ref), "reference": reference_source,
+            "protocol": protocol_record(protocol, text)}
+
+
+def fidelity_on(model, sequences: list[list[int]], firsts: list[int], ref: list[torch.Tensor]) -> dict:
+    """The figures of `fidelity` for token sequences whose reference log-probabilities [n, V] are given."""
     kls, agree, nll, ref_nll = [], [], 0.0, 0.0
     for seq, first, ref_lp in progress(list(zip(sequences, firsts, ref)), "fidelity"):
         ours = score(model, [seq], 1, first=[first], keep_logprobs=True)[0].logprobs  # [n, V]
@@ -68,11 +74,10 @@ def fidelity(model, reference, tokenizer, reference_tokenizer, text: Text, proto
         nll -= float(ours.gather(-1, targets).sum())
         ref_nll -= float(ref_lp.gather(-1, targets).sum())
     kl_all, n = torch.cat(kls), sum(len(k) for k in kls)
-    ppl, ref_ppl = math.exp(nll / n), math.exp(ref_nll / n)
     require(n > 0, "no tokens scored")
+    ppl, ref_ppl = math.exp(nll / n), math.exp(ref_nll / n)
     return {"kl_divergence": float(kl_all.mean()), "kl_divergence_median": float(kl_all.median()),
             "kl_divergence_p99": float(torch.quantile(kl_all.float(), 0.99)),
             "top1_agreement": float(torch.cat(agree).float().mean()), "perplexity": ppl,
             "reference_perplexity": ref_ppl, "delta_perplexity": ppl - ref_ppl,
-            "delta_perplexity_pct": 100 * (ppl / ref_ppl - 1), "tokens_scored": n,
-            "reference": reference_source, "protocol": protocol_record(protocol, text)}
+            "delta_perplexity_pct": 100 * (ppl / ref_ppl - 1), "tokens_scored": n}

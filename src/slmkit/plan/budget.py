@@ -8,11 +8,14 @@ Units: sizes in MB (10^6 bytes; "60", "60MB", "0.06GB", "512KB", "58MiB"), times
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from ..errors import require
 
 BACKENDS = ("torch", "llamacpp")
+LIMITS = (("file_mb", "max", "max_file_mb"), ("memory_mb", "max", "max_memory_mb"),  # (figure, direction, field)
+          ("decode_tps", "min", "min_decode_tps"), ("ttft_ms", "max", "max_ttft_ms"), ("kl", "max", "max_kl"),
+          ("ppl_increase_pct", "max", "max_ppl_increase"), ("energy_j_per_token", "max", "max_energy_j_per_token"))
 OBJECTIVES = ("quality", "speed", "size")
 UNITS = {"size": {"": 1.0, "b": 1e-6, "kb": 1e-3, "mb": 1.0, "gb": 1e3, "kib": 1024 / 1e6, "mib": 1024 ** 2 / 1e6,
                   "gib": 1024 ** 3 / 1e6},
@@ -61,8 +64,7 @@ class Budget:
     objective: str = "quality"
 
     def validate(self) -> "Budget":
-        for name in ("max_file_mb", "max_memory_mb", "min_decode_tps", "max_ttft_ms", "max_kl",
-                     "max_ppl_increase", "max_energy_j_per_token"):
+        for _, _, name in LIMITS:
             value = getattr(self, name)
             require(value is None or value > 0 or (name in ("max_kl", "max_ppl_increase") and value == 0),
                     f"--{name.replace('_', '-')} must be positive, got {value}")
@@ -79,12 +81,15 @@ class Budget:
 
     def limits(self) -> list[tuple[str, str, float]]:
         """(figure, direction, bound) for every stated limit: 'max' means figure <= bound."""
-        rows = [("file_mb", "max", self.max_file_mb), ("memory_mb", "max", self.max_memory_mb),
-                ("decode_tps", "min", self.min_decode_tps), ("ttft_ms", "max", self.max_ttft_ms),
-                ("kl", "max", self.max_kl), ("ppl_increase_pct", "max", self.max_ppl_increase),
-                ("energy_j_per_token", "max", self.max_energy_j_per_token)]
+        rows = [(figure, direction, getattr(self, name)) for figure, direction, name in LIMITS]
         rows += [(f"acc:{task}", "min", acc) for task, acc in self.min_task_acc]
         return [(f, d, b) for f, d, b in rows if b is not None]
+
+    def without(self, figure: str) -> "Budget":
+        """The same budget less the limit on `figure` (every task floor, for an acc:TASK figure)."""
+        if figure.startswith("acc:"):
+            return replace(self, min_task_acc=())
+        return replace(self, **{name: None for f, _, name in LIMITS if f == figure})
 
     def margins(self, figures: dict) -> dict[str, float]:
         """Per limit, how far inside it the figures are, as a fraction of the bound (negative: violated).

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -70,26 +69,18 @@ class ThroughCache:
         return self.model(tokens, cache=self.model.new_cache(tokens.shape[0], tokens.shape[1]))
 
 
-def quality(lm, spec: ProbeSpec) -> dict:
-    """KL and perplexity against the cached base log-probabilities on the planner's evaluation windows."""
-    from ..eval.fidelity import kl_stats
-    from ..eval.scoring import score
+def quality(model, reference_cache: Path) -> dict:
+    """KL and perplexity against the base's log-probabilities the planner cached on its evaluation windows."""
     from safetensors.torch import load_file
 
-    data = json.loads((spec.reference_cache / "windows.json").read_text())
-    ref = load_file(str(spec.reference_cache / "reference.safetensors"))
-    model = ThroughCache(lm.model) if getattr(lm.model, "kv_scheme", None) is not None else lm.model
-    kls, nll, ref_nll, n = [], 0.0, 0.0, 0
-    for i, (seq, first) in enumerate(zip(data["sequences"], data["firsts"])):
-        ours = score(model, [seq], 1, first=[first], keep_logprobs=True)[0].logprobs  # [n, V]
-        ref_lp = ref[str(i)].double()
-        kls.append(kl_stats(ref_lp, ours)[0])
-        targets = torch.tensor(seq[first:])[:, None]
-        nll -= float(ours.gather(-1, targets).sum())
-        ref_nll -= float(ref_lp.gather(-1, targets).sum())
-        n += len(seq) - first
-    return {"kl": float(torch.cat(kls).mean()), "ppl": math.exp(nll / n), "base_ppl": math.exp(ref_nll / n),
-            "ppl_increase_pct": 100 * (math.exp((nll - ref_nll) / n) - 1), "tokens_scored": n}
+    from ..eval.fidelity import fidelity_on
+
+    data = json.loads((reference_cache / "windows.json").read_text())
+    ref = load_file(str(reference_cache / "reference.safetensors"))
+    scored = ThroughCache(model) if getattr(model, "kv_scheme", None) is not None else model
+    f = fidelity_on(scored, data["sequences"], data["firsts"], [ref[str(i)].double() for i in range(len(ref))])
+    return {"kl": f["kl_divergence"], "ppl": f["perplexity"], "base_ppl": f["reference_perplexity"],
+            "ppl_increase_pct": f["delta_perplexity_pct"], "tokens_scored": f["tokens_scored"]}
 
 
 def accuracies(lm, spec: ProbeSpec) -> dict:
@@ -116,7 +107,7 @@ def probe(spec: ProbeSpec) -> dict:
            "energy_j_per_token": cost["energy_j_per_token"], "energy_source": cost["energy_source"],
            "weight_bytes": cost["weight_bytes"]}
     if spec.quality:
-        fig.update(quality(lm, spec))
+        fig.update(quality(lm.model, spec.reference_cache))
         fig.update(accuracies(lm, spec))
     return fig
 

@@ -27,10 +27,7 @@ from .budget import Budget
 from .build import Builder
 from .predict import Calibration, Shapes, matrix_bytes
 from .search import Infeasible, Search, binding, run_search
-from .space import FORMATS, METHODS, Candidate, format_name, read_space
-
-SCHEMA = "slmkit.plan/1"
-
+from .space import METHODS, Candidate, read_space
 
 @dataclass
 class PlanSettings:
@@ -142,18 +139,15 @@ def reference(lm, folder: Path, windows: int) -> Path:
 def kv_quality(model, ref: Path, bits: list[int], path: Path) -> dict[int, float]:
     """KL the KV cache's quantization alone causes on the base model, per width, measured once (cached)."""
     cached = {int(k): v for k, v in json.loads(path.read_text()).items()} if path.is_file() else {}
-    from types import SimpleNamespace
-
     from ..quant import QScheme
     from ..quant.kvcache import use_quantized_cache_
-    from .probe import ProbeSpec, quality
+    from .probe import quality
 
     for b in (b for b in bits if b != 16 and b not in cached):
         note(f"plan: KL of an int{b} KV cache on the base model")
         copy_ = copy.deepcopy(model)
         use_quantized_cache_(copy_, QScheme(b, 0, False))
-        spec = ProbeSpec(Path(), "torch", context=1, prompt_tokens=1, windows=0, reference_cache=ref)
-        cached[b] = quality(SimpleNamespace(model=copy_), spec)["kl"]
+        cached[b] = quality(copy_, ref)["kl"]
     path.write_text(json.dumps(cached))
     return {16: 0.0, **cached}
 
@@ -183,7 +177,7 @@ def calibrate_costs(builder: Builder, shapes: Shapes, cal: Calibration, space, b
     from .predict import kv_bytes
 
     for backend in backends:
-        formats, runtime = _storage_formats(space, backend), []
+        formats, runtime = space.storage_formats(backend), []
         for fmt in sorted(formats, key=lambda f: f != "Q8_0"):
             if f"{backend}/{fmt}" in cal.decode_ms_per_byte:
                 continue
@@ -204,14 +198,6 @@ def calibrate_costs(builder: Builder, shapes: Shapes, cal: Calibration, space, b
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({k: getattr(cal, k) for k in ("overhead_bytes", "runtime_mb", "decode_ms_per_byte",
                                                              "ttft_ms_per_weight", "measured")}))
-
-
-def _storage_formats(space, backend: str) -> dict:
-    """Every storage format a candidate of the space can use on the backend, by name."""
-    schemes = {format_name(c.scheme): c.scheme for c in space.uniform}
-    schemes.update({f: FORMATS[f] for f in space.mixed_formats})
-    schemes["Q8_0"] = FORMATS["Q8_0"]
-    return {n: s for n, s in schemes.items() if backend != "llamacpp" or n in FORMATS}
 
 
 def guarantee(search: Search, ranked: list, builder: Builder, folder: Path, budget: Budget):
@@ -246,8 +232,8 @@ def prepare(spec: str | None, budget: Budget, settings: PlanSettings, work: Path
     space = read_space(settings.methods)
     space.kv_bits = list(settings.kv_bits or space.kv_bits)
     backends = list(settings.backends or (budget.backend,))
-    schemes = {**{format_name(c.scheme): c.scheme for c in space.uniform}, **{f: FORMATS[f] for f in space.mixed_formats}}
-    scores = sensitivities(lm.model, lm.tokenizer, schemes, folder / "sensitivity.json", settings.fisher_samples)
+    scores = sensitivities(lm.model, lm.tokenizer, space.storage_formats(), folder / "sensitivity.json",
+                           settings.fisher_samples)
     shapes = shapes_of(lm.model)
     cal = Calibration(kv_kl=kv_quality(lm.model, ref, space.kv_bits, folder / f"kv-{settings.windows}.json"),
                       base=base_figures(lm, budget, settings))

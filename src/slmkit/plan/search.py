@@ -59,7 +59,7 @@ class Search:
         unique = {}
         for c in cands:  # a mixed choice that came out uniform is that uniform candidate
             unique.setdefault(c.name, c)
-        self.entries = [Entry(c, self.predict(c)) for c in unique.values()]
+        self.entries = [Entry(c, {}) for c in unique.values()]  # predicted by refresh() below
         for e in self.entries:  # the cost calibration's builds are measured candidates: the model learns from them
             if e.cand.name in self.cal.measured:
                 e.predicted_then, e.measured, e.finalist = self.predict(e.cand), self.cal.measured[e.cand.name], \
@@ -176,7 +176,7 @@ def binding(search: Search) -> str:
     limits = search.budget.limits()
     best = None
     for figure, direction, bound in limits:
-        others = Budget(**{**search.budget.__dict__, **_without(figure)})
+        others = search.budget.without(figure)
         near = []
         for e in search.entries:
             fig = e.measured if e.measured and "error" not in e.measured else e.predicted
@@ -196,13 +196,4 @@ def binding(search: Search) -> str:
     word = "at most" if direction == "max" else "at least"
     return (f"no model meets every limit: {figure} {word} {bound:g} is binding; the nearest achievable point is "
             f"{e.cand.name} with {figure} {fig[figure]:.4g} ({kind}, {abs(margin) * 100:.1f}% beyond){rest}")
-
-
-def _without(figure: str) -> dict:
-    table = {"file_mb": "max_file_mb", "memory_mb": "max_memory_mb", "decode_tps": "min_decode_tps",
-             "ttft_ms": "max_ttft_ms", "kl": "max_kl", "ppl_increase_pct": "max_ppl_increase",
-             "energy_j_per_token": "max_energy_j_per_token"}
-    if figure.startswith("acc:"):
-        return {"min_task_acc": ()}
-    return {table[figure]: None}
 

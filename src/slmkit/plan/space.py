@@ -105,6 +105,13 @@ class Space:
     kv_bits: list[int] = field(default_factory=lambda: [16])
     rows: dict[str, str] = field(default_factory=dict)  # technique -> "searched" or why not
 
+    def storage_formats(self, backend: str | None = None) -> dict[str, QScheme]:
+        """Every storage format a candidate can use (the Q8_0 table always), by name; on llama.cpp the GGUF ones."""
+        schemes = {format_name(c.scheme): c.scheme for c in self.uniform}
+        schemes.update({f: FORMATS[f] for f in self.mixed_formats})
+        schemes["Q8_0"] = FORMATS["Q8_0"]
+        return {n: s for n, s in schemes.items() if backend != "llamacpp" or n in FORMATS}
+
 
 def _schemes(knobs: dict) -> list[QScheme]:
     """Every scheme the knobs name, but 8-bit asymmetric (no file format stores it; Q8_0 is near lossless)."""
