@@ -78,10 +78,11 @@ def predict(cand: Candidate, shapes: Shapes, scores: dict, cal: Calibration, con
            "memory_mb": None, "decode_tps": None, "ttft_ms": None}
     if cand.backend in cal.runtime_mb:
         fig["memory_mb"] = (weights + kv_bytes(shapes, cand, context)) / 1e6 + cal.runtime_mb[cand.backend]
-    per_byte = [cal.decode_ms_per_byte.get(f"{cand.backend}/{format_name(cand.scheme_of(n))}") for n in mb]
+    keys = [f"{cand.backend}/{format_name(cand.scheme_of(n))}" for n in mb]  # "backend/format" per tensor
+    per_byte = [cal.decode_ms_per_byte.get(k) for k in keys]
     if all(k is not None for k in per_byte):
         fig["decode_tps"] = 1e3 / sum(b * k for b, k in zip(mb.values(), per_byte))
-    per_weight = [cal.ttft_ms_per_weight.get(f"{cand.backend}/{format_name(cand.scheme_of(n))}") for n in mb]
+    per_weight = [cal.ttft_ms_per_weight.get(k) for k in keys]
     if all(k is not None for k in per_weight):
         fig["ttft_ms"] = sum(o * i * k for (o, i), k in zip(shapes.tensors.values(), per_weight))
     fig.update(quality(cand, scores, cal))

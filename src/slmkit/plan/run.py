@@ -27,7 +27,7 @@ from .budget import Budget
 from .build import Builder
 from .predict import Calibration, Shapes, matrix_bytes
 from .search import Infeasible, Search, binding, run_search
-from .space import METHODS, Candidate, read_space
+from .space import METHODS, TABLES, Candidate, read_space
 
 @dataclass
 class PlanSettings:
@@ -186,7 +186,7 @@ def calibrate_costs(builder: Builder, shapes: Shapes, cal: Calibration, space, b
             fig = builder.measure(builder.artifact(cand), backend)
             cal.measured[cand.name] = fig
             mb = matrix_bytes(shapes, cand)
-            weights, table = sum(mb.values()), sum(v for n, v in mb.items() if n in ("embed", "lm_head"))
+            weights, table = sum(mb.values()), sum(v for n, v in mb.items() if n in TABLES)
             if fmt == "Q8_0":
                 cal.overhead_bytes[backend] = fig["file_mb"] * 1e6 - weights
             runtime.append(fig["memory_mb"] - (weights + kv_bytes(shapes, cand, budget.context)) / 1e6)

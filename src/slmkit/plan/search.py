@@ -19,7 +19,7 @@ from ..progress import note
 from .allocate import allocate
 from .budget import Budget
 from .predict import Calibration, Shapes, learn, predict
-from .space import FORMATS, Candidate, Space, bytes_per_weight, variants
+from .space import FORMATS, TABLES, Candidate, Space, bytes_per_weight, variants
 
 SLACK = {"file_mb": 0.01, "memory_mb": 0.05, "decode_tps": 0.10, "ttft_ms": 0.10, "kl": 0.30,
          "ppl_increase_pct": 0.30}  # how far outside a limit a prediction may be and still be measured
@@ -135,10 +135,10 @@ def mixed_candidate(method: str, formats: dict[str, str], label: str) -> Candida
     others as exact-name overrides, the table's own format as the table scheme."""
     from ..quant.scheme import LayerScheme
 
-    blocks = [f for n, f in formats.items() if n not in ("embed", "lm_head")]
+    blocks = [f for n, f in formats.items() if n not in TABLES]
     base = max(sorted(set(blocks)), key=blocks.count)
     overrides = tuple(LayerScheme(n, FORMATS[f]) for n, f in formats.items()
-                      if f != base and n not in ("embed", "lm_head"))
+                      if f != base and n not in TABLES)
     table = FORMATS[formats.get("embed", formats.get("lm_head", "Q8_0"))]
     return Candidate(method, FORMATS[base], table, overrides, label=label)
 

@@ -19,8 +19,8 @@ from torch import nn
 from ..modules import named_linears
 from ..progress import progress
 from ..quant.scheme import QScheme, dequantize_weight, quantize_weight
+from .space import TABLES
 
-TABLE = "embed"  # the embedding table's name among the tensors (tied: also the output matrix)
 
 
 def matrices(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -28,9 +28,9 @@ def matrices(model: nn.Module) -> dict[str, torch.Tensor]:
     and an untied lm_head, by qualified module name."""
     out = {name: m.weight for name, m in named_linears(model)}
     if isinstance(model.embed, nn.Embedding):
-        out[TABLE] = model.embed.weight
+        out[TABLES[0]] = model.embed.weight
     if isinstance(model.lm_head, nn.Linear):
-        out["lm_head"] = model.lm_head.weight
+        out[TABLES[1]] = model.lm_head.weight
     return out
 
 

@@ -19,6 +19,7 @@ from ..quant.rtn import Q8_TABLES
 from ..quant.scheme import LayerScheme
 from .techniques import TECHNIQUES, Technique
 
+TABLES = ("embed", "lm_head")  # the embedding table and an untied output matrix, as sensitivity.matrices names them
 FORMATS = {t.name: t.scheme for t in TYPES.values() if t.scheme is not None}  # GGUF-exact: Q8_0, Q4_0, ...
 METHODS = ("rtn", "gptq", "awq+gptq")
 NOT_SEARCHED = {  # rows with knobs the planner does not turn yet, and why
@@ -77,7 +78,7 @@ class Candidate:
     def scheme_of(self, tensor: str) -> QScheme:
         from ..quant.scheme import scheme_for
 
-        return self.table if tensor in ("embed", "lm_head") else scheme_for(tensor, self.scheme, self.overrides)
+        return self.table if tensor in TABLES else scheme_for(tensor, self.scheme, self.overrides)
 
     def steps(self, calib: CalibConfig | None = None) -> list:
         """The pipeline that builds it from the float model (calibrating steps on `calib`, default theirs)."""
